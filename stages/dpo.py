@@ -1,0 +1,63 @@
+"""The ``dpo`` stage: Direct Preference Optimisation from the SFT policy, with TRL's DPOTrainer.
+
+With LoRA the reference policy is the SFT weights with the adapter disabled (TRL does this when
+``ref_model`` is None and a peft config is given), so no second copy of the model is held. The
+trained adapter is merged into a full policy, saved, logged to MLflow and registered.
+"""
+
+from __future__ import annotations
+
+from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
+from stages.reward import pair_dataset
+from stages.runner import StageContext, StageOutput
+from stages.training import snapshot_trainable, throughput_metrics, trainer_args, weight_change
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = ctx.config.dpo
+    pairs = ctx.inputs["label"] if "label" in ctx.inputs else ctx.inputs["prepare"]
+
+    # Model & tokenizer
+    sft_dir = str(ctx.inputs["sft"].model_dir)
+    tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="right")
+    model = load_causal_lm(sft_dir, ctx.config.model, ctx.device)
+    lora = peft_config(ctx.config.model.lora, "CAUSAL_LM")
+    reference = None if lora else load_causal_lm(sft_dir, ctx.config.model, ctx.device)
+
+    # Training
+    args = DPOConfig(**trainer_args(
+        cfg, ctx,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        eval_strategy="steps",
+        eval_steps=max(cfg.logging_steps * 4, 1),
+    ))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=pair_dataset(pairs.path / "train.jsonl"),
+        eval_dataset=pair_dataset(pairs.path / "eval.jsonl"),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=ctx.callbacks(),
+    )
+    before = snapshot_trainable(trainer.model)
+    train_output = trainer.train()
+    evaluation = trainer.evaluate()
+    ds = trainer.train_dataset
+    tokens = int((sum(map(len, ds["prompt_ids"])) * 2 + sum(map(len, ds["chosen_ids"]))
+                  + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)
+    metrics = {
+        **throughput_metrics(train_output, tokens, trainer.model),
+        "weight_change": weight_change(trainer.model, before),
+        "train_pairs": float(len(ds)),
+        **{f"final_{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)},
+    }
+
+    # Save
+    save_model(trainer.model, tokenizer, ctx.out_dir / "model")
+    return StageOutput(metrics=metrics, info={"model": "model", "policy": True})

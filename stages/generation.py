@@ -1,0 +1,172 @@
+"""Batched, KV-cached sampling from a policy, and scoring of sampled responses.
+
+Used by the SFT (self-samples), label and evaluate stages. Prompts are chats (lists of
+``{role, content}``) rendered with the tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.config import GenerationConfig
+from stages.losses import gather_log_probs
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Sampled responses, one per (prompt, sample) in prompt-major order."""
+
+    prompt_index: list[int]  # index into the prompts given to `sample`
+    prompt_ids: list[list[int]]  # chat-rendered prompt tokens, no padding
+    response_ids: list[list[int]]  # response tokens up to and including EOS, no padding
+    texts: list[str]  # decoded responses, special tokens removed
+    ended: list[bool]  # whether the response ended with EOS (not cut at max_new_tokens)
+    seconds: float  # wall time of generation
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(ids) for ids in self.response_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.seconds, 1e-9)
+
+
+def render_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
+    return [
+        list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"])
+        for messages in prompts
+    ]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _trim_response(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: position + 1], True
+    return [t for t in tokens if t != pad_id] if pad_id in eos_ids else tokens, False
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[Messages],
+    n: int,
+    generation: GenerationConfig,
+    *,
+    seed: int,
+    desc: str = "sampling",
+) -> Samples:
+    """Draw ``n`` responses per prompt, ``generation.batch_size`` sequences per ``generate`` call.
+
+    Sequences are grouped by prompt length so batches carry little padding; the KV cache makes each
+    new token cost one forward step over the batch.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rendered = render_prompts(tokenizer, prompts)
+    jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: len(rendered[j[0]]))
+    eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    results: dict[tuple[int, int], tuple[list[int], bool]] = {}
+    started = time.perf_counter()
+    with tqdm(total=len(jobs), desc=desc, unit="seq") as bar:
+        for start in range(0, len(jobs), generation.batch_size):
+            batch = jobs[start : start + generation.batch_size]
+            ids, mask = _left_pad([rendered[i] for i, _ in batch], pad_id, device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=generation.temperature,
+                top_p=generation.top_p,
+                top_k=0,
+                max_new_tokens=generation.max_new_tokens,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+            for job, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
+                results[job] = _trim_response(row, eos_ids, pad_id)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - started
+    torch.random.set_rng_state(generator_state)
+    order = [(i, k) for i in range(len(prompts)) for k in range(n)]
+    response_ids = [results[job][0] for job in order]
+    return Samples(
+        prompt_index=[i for i, _ in order],
+        prompt_ids=[rendered[i] for i, _ in order],
+        response_ids=response_ids,
+        texts=[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in response_ids],
+        ended=[results[job][1] for job in order],
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def sequence_log_probs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
+                       pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Sum of the response tokens' log-probs under ``model``: (N,) float32 on the CPU.
+
+    log pi(y|x) = sum_t log pi(y_t | x, y_<t); with the same samples scored under the policy and the
+    reference, their mean difference is a Monte-Carlo estimate of KL(pi || pi_ref).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    totals: list[torch.Tensor] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [p + r for p, r in zip(prompt_ids[start : start + batch_size],
+                                      response_ids[start : start + batch_size], strict=True)]
+        ids, mask = _left_pad(rows, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
+        labels = ids[:, 1:]  # (B, L-1)
+        token_logps = gather_log_probs(logits.float(), labels)  # (B, L-1)
+        response_mask = torch.zeros_like(labels, dtype=torch.bool)
+        for i, r in enumerate(response_ids[start : start + batch_size]):
+            if r:
+                response_mask[i, -len(r):] = True
+        totals.append((token_logps * response_mask).sum(-1).cpu())
+    return torch.cat(totals) if totals else torch.zeros(0)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, conversations: list[Messages], *, batch_size: int = 16) -> torch.Tensor:
+    """The reward model's scalar score of each whole conversation: (N,) float32 on the CPU.
+
+    Conversations are rendered with the chat template exactly as TRL's RewardTrainer renders its
+    training pairs, so the score is read at the same position it was trained at.
+    """
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    rows = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
+            for c in conversations]
+    scores: list[torch.Tensor] = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[start : start + batch_size], tokenizer.pad_token_id, device)
+        scores.append(reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)

@@ -1,0 +1,88 @@
+"""The ``label`` stage: preference pairs made the DPO paper's way (Rafailov et al. 2023, §6.1).
+
+Sample ``label.samples_per_prompt`` completions per training prompt from the SFT policy, score them
+with the task's gold judge, and pair them by rank: best against worst, and second against third,
+each kept only when the gold gap exceeds ``label.min_gap``. Pairs are split into train/eval by a
+seeded hash of the prompt, so no prompt is on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+
+from stages.generation import sample
+from stages.judges import gold_judge
+from stages.models import load_causal_lm, load_tokenizer
+from stages.records import read_jsonl, write_jsonl
+from stages.runner import StageContext, StageOutput
+
+def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], min_gap: float) -> list[dict]:
+    """Pairs from one prompt's scored completions: best vs worst, and 2nd vs 3rd when there are 4+."""
+    ranked = sorted(zip(scores, completions, strict=True), key=lambda item: -item[0])
+    positions = [(0, len(ranked) - 1)] + ([(1, 2)] if len(ranked) >= 4 else [])
+    pairs = []
+    for better, worse in positions:
+        (high, chosen), (low, rejected) = ranked[better], ranked[worse]
+        if high - low > min_gap and chosen != rejected:
+            pairs.append({
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "score_chosen": high,
+                "score_rejected": low,
+            })
+    return pairs
+
+
+def _is_eval(prompt_id: str, seed: int, fraction: float) -> bool:
+    bucket = int(hashlib.sha256(f"label:{seed}:{prompt_id}".encode()).hexdigest()[:8], 16) / 16**8
+    return bucket < fraction
+
+
+def run(ctx: StageContext) -> StageOutput:
+    cfg = ctx.config.label
+    judge = gold_judge(ctx.config.data.task)
+    if judge is None:
+        raise ValueError(f"label: task {ctx.config.data.task!r} has no gold judge to label with")
+
+    # Prompts & policy
+    rows = read_jsonl(ctx.inputs["prepare"].path / "train.jsonl")[: cfg.max_prompts]
+    policy_dir = str(ctx.inputs["sft"].model_dir)
+    model = load_causal_lm(policy_dir, ctx.config.model, ctx.device)
+    tokenizer = load_tokenizer(policy_dir, ctx.config.model)
+
+    # Sample & judge
+    prompts = [row["prompt"] for row in rows]
+    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.generation,
+                     seed=ctx.config.run.seed, desc="label: sampling from SFT")
+    scores = judge.score(samples.texts)
+
+    # Pairs
+    train, evaluation = [], []
+    k = cfg.samples_per_prompt
+    for i, row in enumerate(rows):
+        pairs = rank_pairs(row["prompt"], samples.texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k],
+                           cfg.min_gap)
+        target = evaluation if _is_eval(row["id"], ctx.config.run.seed, cfg.eval_fraction) else train
+        target.extend({"id": f"{row['id']}-{n}", **pair} for n, pair in enumerate(pairs))
+    if not train or not evaluation:
+        raise ValueError(
+            f"label: {len(train)} train / {len(evaluation)} eval pairs from {len(rows)} prompts; "
+            "raise label.max_prompts or label.samples_per_prompt, or lower label.min_gap"
+        )
+    write_jsonl(ctx.out_dir / "train.jsonl", train)
+    write_jsonl(ctx.out_dir / "eval.jsonl", evaluation)
+    write_jsonl(ctx.out_dir / "samples.jsonl", (
+        {"prompt_id": rows[i]["id"], "completion": text, "score": score, "ended": ended}
+        for i, text, score, ended in zip(samples.prompt_index, samples.texts, scores, samples.ended, strict=True)
+    ))
+    gaps = [p["score_chosen"] - p["score_rejected"] for p in train + evaluation]
+    return StageOutput(metrics={
+        "pairs_train": float(len(train)),
+        "pairs_eval": float(len(evaluation)),
+        "mean_gold_gap": statistics.fmean(gaps),
+        "mean_sample_score": statistics.fmean(scores),
+        "sample_tokens_per_second": samples.tokens_per_second,
+        "generated_tokens": float(samples.generated_tokens),
+    }, info={"kind": "preference", "judge": judge.name})

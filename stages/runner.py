@@ -1,0 +1,276 @@
+"""Run one stage: cache key, output location, MLflow child run, atomic output.
+
+This is the single way a stage runs, whoever calls it: the Prefect flow's tasks, ``alignflow stage
+NAME`` and therefore ``dvc repro``. The cache key of a stage is a hash of the stage's name, the
+version of its code (a hash of its source files), its params sections and the content keys of its
+inputs; its output lives in ``<run.output_dir>/<stage>/<key>/``, is written to a staging directory
+and renamed into place when complete, and is never overwritten afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.config import Config, stage_params
+from stages.tracking import Tracker
+
+RESULT_FILE = "result.json"
+SHARED_CODE = (
+    "config.py", "models.py", "generation.py", "judges.py", "losses.py", "runner.py", "training.py",
+    "records.py",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageResult:
+    """What a finished stage hands to the stages after it (and what its result.json holds)."""
+
+    stage: str
+    key: str  # cache key
+    output_dir: str
+    content_key: str  # identity of the output's content
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def model_dir(self) -> Path:
+        """The saved model of a training stage."""
+        return self.path / self.info["model"]
+
+    @classmethod
+    def load(cls, output_dir: Path) -> StageResult:
+        return cls(**json.loads((output_dir / RESULT_FILE).read_text()))
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage function returns: metrics, and facts for later stages (paths are relative)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function gets."""
+
+    name: str
+    config: Config
+    inputs: dict[str, StageResult]
+    out_dir: Path  # staging directory; becomes the final output directory when the stage succeeds
+    root: Path  # project root (params, data/, dvc.yaml)
+    device: torch.device
+    tracker: Tracker | None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+
+    def callbacks(self) -> list:
+        return [self.tracker.training_callback()] if self.tracker is not None else []
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str  # stages.<module> holds `run(ctx) -> StageOutput`
+    inputs: Callable[[Config], tuple[str, ...]]
+    trains: bool = False  # tagged `gpu` in the flow; logs a model
+
+    def function(self) -> Callable[[StageContext], StageOutput]:
+        return importlib.import_module(f"stages.{self.module}").run
+
+
+def _pairs_source(config: Config) -> str:
+    """Where preference pairs come from: labelled by the gold judge, or the prepared data itself."""
+    return "label" if config.data.task == "sentiment" else "prepare"
+
+
+def _policies(config: Config) -> tuple[str, ...]:
+    return {"dpo": ("dpo",), "ppo": ("ppo",), "both": ("dpo", "ppo")}[config.run.method]
+
+
+STAGES: dict[str, StageSpec] = {
+    "base": StageSpec("base", lambda c: ()),
+    "prepare": StageSpec("prepare", lambda c: ()),
+    "sft": StageSpec("sft", lambda c: ("base", "prepare"), trains=True),
+    "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
+    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True),
+    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c)), trains=True),
+    "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
+}
+
+
+def pipeline_order(config: Config) -> list[str]:
+    """The stages a pipeline run needs, in dependency order."""
+    order: list[str] = []
+
+    def visit(stage: str) -> None:
+        for dependency in STAGES[stage].inputs(config):
+            visit(dependency)
+        if stage not in order:
+            order.append(stage)
+
+    visit("evaluate")
+    return order
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys and locations
+# --------------------------------------------------------------------------------------------------
+def code_version(stage: str) -> str:
+    """Hash of the source files a stage's behaviour depends on."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in (f"{STAGES[stage].module}.py", *SHARED_CODE):
+        file = here / name
+        if file.is_file():
+            digest.update(name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: str, config: Config, inputs: dict[str, StageResult]) -> str:
+    payload = {
+        "stage": stage,
+        "code": code_version(stage),
+        "params": stage_params(config, stage),
+        "seed": config.run.seed,
+        "inputs": {name: inputs[name].content_key for name in sorted(inputs)},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def output_root(config: Config, root: Path) -> Path:
+    return (root / config.run.output_dir).resolve()
+
+
+def output_dir(stage: str, key: str, config: Config, root: Path) -> Path:
+    return output_root(config, root) / stage / key
+
+
+def hash_files(directory: Path, skip: tuple[str, ...] = (RESULT_FILE,)) -> str:
+    """Content key of a directory: sha256 over its files' relative names and bytes."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        if file.name in skip or "checkpoint" in file.parts[-2]:
+            continue
+        digest.update(str(file.relative_to(directory)).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+def _publish_pointer(result: StageResult, config: Config, root: Path) -> None:
+    """``outputs/results/<stage>.json``: the latest result of a stage (what dvc.yaml tracks)."""
+    pointer_dir = output_root(config, root) / "results"
+    pointer_dir.mkdir(parents=True, exist_ok=True)
+    tmp = pointer_dir / f".{result.stage}.json.tmp"
+    tmp.write_text(json.dumps(asdict(result), indent=2))
+    os.replace(tmp, pointer_dir / f"{result.stage}.json")
+    for name in result.info.get("publish", []):  # e.g. evaluate's metrics.json, DVC's metrics file
+        shutil.copyfile(result.path / name, output_root(config, root) / f".{name}.tmp")
+        os.replace(output_root(config, root) / f".{name}.tmp", output_root(config, root) / name)
+
+
+def run_stage(
+    stage: str,
+    config: Config,
+    inputs: dict[str, StageResult],
+    root: Path,
+    *,
+    parent_run_id: str | None = None,
+    track: bool = True,
+    device: torch.device | None = None,
+) -> StageResult:
+    """Run ``stage`` on its inputs, or return the finished output already at its key's location."""
+    from stages.models import resolve_device
+
+    key = stage_key(stage, config, inputs)
+    final_dir = output_dir(stage, key, config, root)
+    if (final_dir / RESULT_FILE).is_file():
+        result = StageResult.load(final_dir)
+        _publish_pointer(result, config, root)
+        print(f"[alignflow] {stage}: cache hit, output at {final_dir}")
+        return result
+
+    staging = final_dir.parent / f".staging-{key}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tracker = (
+        Tracker.start(
+            config.run, root, stage, parent_run_id=parent_run_id, tags={"alignflow.stage": stage,
+                                                                     "alignflow.cache_key": key}
+        )
+        if track
+        else None
+    )
+    ctx = StageContext(stage, config, inputs, staging, root, device or resolve_device(config.run), tracker)
+    started = time.perf_counter()
+    try:
+        if tracker is not None:
+            tracker.log_params(stage_params(config, stage))
+            tracker.log_config(config)
+        output = STAGES[stage].function()(ctx)
+        metrics = {**output.metrics, "stage_seconds": time.perf_counter() - started}
+        result = StageResult(
+            stage=stage,
+            key=key,
+            output_dir=str(final_dir),
+            content_key=output.info.pop("content_key", None) or hash_files(staging),
+            metrics=metrics,
+            info={**output.info, "mlflow_run_id": tracker.run_id if tracker else None},
+        )
+        if tracker is not None and result.info.get("policy"):
+            version = tracker.log_policy(staging / result.info["model"], config.run.registered_model)
+            result.info["registered_version"] = version
+            print(f"[alignflow] {stage}: registered {config.run.registered_model} version {version}")
+        (staging / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
+        staging.rename(final_dir)  # atomic: a half-written output is never taken for a finished one
+        if tracker is not None:
+            tracker.log_metrics(metrics)
+            tracker.finish()
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish_pointer(result, config, root)
+    print(f"[alignflow] {stage}: done in {metrics['stage_seconds']:.1f}s, output at {final_dir}")
+    return result
+
+
+def resolve_inputs(stage: str, config: Config, root: Path) -> dict[str, StageResult]:
+    """The finished results of a stage's inputs, found by recomputing their cache keys."""
+    results: dict[str, StageResult] = {}
+    for name in STAGES[stage].inputs(config):
+        upstream = resolve_inputs(name, config, root)
+        location = output_dir(name, stage_key(name, config, upstream), config, root)
+        if not (location / RESULT_FILE).is_file():
+            raise FileNotFoundError(
+                f"stage {stage!r} needs the output of {name!r} for these params, which is not at "
+                f"{location}: run `alignflow stage {name}` (or `alignflow run`) first"
+            )
+        results[name] = StageResult.load(location)
+    return results
