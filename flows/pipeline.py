@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 from stages.config import Config, load_config
@@ -54,7 +53,7 @@ def stage_task(
 def run_stages(config: Config, root: Path, tracker: Tracker) -> tuple[dict[str, StageResult], list[str]]:
     """Run (or take from cache) every stage the config needs; return results and the cached stages."""
     logger = get_run_logger()
-    storage = LocalFileSystem(basepath=str(output_root(config, root) / ".prefect"))
+    storage = output_root(config, root) / ".prefect"  # a Path: Prefect stores results there as files
     results: dict[str, StageResult] = {}
     cached: list[str] = []
     for stage in pipeline_order(config):
@@ -94,7 +93,7 @@ def _record_on_parent(tracker: Tracker, config: Config, results: dict[str, Stage
         tracker.log_metrics({f"{stage}/stage_seconds": result.metrics.get("stage_seconds", 0.0)})
 
 
-@flow(name="alignment_pipeline", log_prints=True)
+@flow(name="alignment_pipeline")
 def alignment_pipeline(
     params: str = "params.yaml", overrides: list[str] | None = None, root: str = "."
 ) -> dict[str, Any]:
@@ -106,7 +105,8 @@ def alignment_pipeline(
     tracker = Tracker.start(config.run, project, f"pipeline-{flow_run.get_name() or 'local'}",
                             tags={"alignflow.flow": "alignment_pipeline",
                                   "prefect.flow_run_id": str(flow_run.get_id())})
-    print(f"[alignflow] MLflow parent run: {tracker.url}")
+    logger = get_run_logger()
+    logger.info("MLflow parent run: %s", tracker.url)
     try:
         results, cached = run_stages(config, project, tracker)
         _record_on_parent(tracker, config, results, cached)
@@ -114,9 +114,9 @@ def alignment_pipeline(
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    print(f"[alignflow] outputs under {output_root(config, project)}; "
-          f"metrics in {output_root(config, project) / 'metrics.json'}")
-    print(f"[alignflow] cached stages: {', '.join(cached) or 'none'}")
+    logger.info("outputs under %s; metrics in %s", output_root(config, project),
+                output_root(config, project) / "metrics.json")
+    logger.info("cached stages: %s", ", ".join(cached) or "none")
     return {
         "mlflow_run_id": tracker.run_id,
         "cached": cached,

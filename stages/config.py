@@ -97,6 +97,7 @@ class SFTConfig(TrainConfig):
     max_prompts: int | None = Field(default=120, ge=1)
     dataset: str | None = None
     samples_per_prompt: int = Field(default=1, ge=1)
+    require_eos: bool = True
     learning_rate: float = Field(default=1e-4, gt=0.0)
     generation: GenerationConfig = GenerationConfig()
 

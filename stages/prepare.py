@@ -39,6 +39,7 @@ Problems that make the whole source unusable raise ``DataError`` before any trai
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -46,6 +47,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +58,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stages.config import DataConfig
+from stages.runner import StageContext, StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -824,3 +827,58 @@ def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
 def _json_lines(records: Iterable[Record]) -> Iterator[str]:
     for record in records:
         yield json.dumps(record, ensure_ascii=False, default=str) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+PREPARED_FILES = ("train.jsonl", "eval.jsonl")
+
+
+def _publish_prepared(source: Path, target: Path) -> None:
+    """Replace the DVC-tracked copy of the prepared data as a whole (staging dir, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    shutil.copytree(source, staging)
+    old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(ctx: StageContext) -> StageOutput:
+    from stages.versioning import commit_stage, inside_dvc_repro
+
+    config = ctx.config
+    data_dir = ctx.out_dir / "prepared"
+    summary = prepare_data(config.data, data_dir, seed=config.run.seed, root=ctx.root)
+    (data_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    for name in PREPARED_FILES:  # downstream stages read <output>/<name>
+        shutil.copyfile(data_dir / name, ctx.out_dir / name)
+    if summary.quarantine_path:
+        shutil.copyfile(summary.quarantine_path, ctx.out_dir / "quarantine.jsonl")
+        log.warning("prepare: %d of %d rows refused; reasons in %s", summary.refused, summary.rows_in,
+                       summary.quarantine_path)
+
+    # Versioning: the DVC md5 of data/prepared is the dataset version
+    prepared_dir = ctx.root / config.data.prepared_dir
+    _publish_prepared(data_dir, prepared_dir)
+    md5 = None
+    if config.run.dvc and not inside_dvc_repro():  # under `dvc repro`, DVC versions the output itself
+        md5 = commit_stage(ctx.root, "prepare", config.data.prepared_dir, push=config.run.dvc_push)
+    if ctx.tracker is not None:
+        if md5:
+            ctx.tracker.log_dataset(f"prepared-{config.data.task}", md5, config.data.prepared_dir, "prepare")
+        if summary.quarantine_path:
+            ctx.tracker.log_artifact(Path(summary.quarantine_path), "quarantine")
+    return StageOutput(
+        metrics=summary.as_metrics(),
+        info={
+            "kind": summary.kind,
+            "dataset_md5": md5,
+            "dataset_name": f"prepared-{config.data.task}",
+            "dataset_path": config.data.prepared_dir,
+            "quarantine": summary.quarantine_path,
+        },
+    )

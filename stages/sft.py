@@ -32,7 +32,7 @@ def _self_samples(ctx: StageContext, model, tokenizer) -> list[dict]:
     return [
         {"prompt": prompts[i], "completion": [{"role": "assistant", "content": text}]}
         for i, text, ended in zip(samples.prompt_index, samples.texts, samples.ended, strict=True)
-        if text and ended  # responses cut at max_new_tokens would teach the model not to stop
+        if text and (ended or not sft.require_eos)  # cut responses would teach it not to stop
     ]
 
 

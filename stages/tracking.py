@@ -36,6 +36,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _serving_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}"
+            for name in ("torch", "transformers", "safetensors", "tokenizers", "accelerate")]
+
+
 class Tracker:
     """Logs to one MLflow run (a flow's parent run or a stage's child run)."""
 
@@ -146,12 +153,16 @@ class Tracker:
     def log_policy(self, model_dir: Path, registered_model: str) -> str:
         """Log a saved policy as an MLflow transformers model and register a new version of it."""
         import mlflow
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         with mlflow.start_run(run_id=self.run_id, experiment_id=self.experiment_id, nested=True):
             info = mlflow.transformers.log_model(
-                transformers_model=str(model_dir),
+                transformers_model={"model": model, "tokenizer": tokenizer},
                 name="policy",
                 task="text-generation",
+                pip_requirements=_serving_requirements(),  # explicit: MLflow's inference probes torchvision
                 registered_model_name=registered_model,
             )
         return str(info.registered_model_version)

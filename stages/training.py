@@ -20,7 +20,7 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "per_device_train_batch_size": train.batch_size,
         "per_device_eval_batch_size": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "warmup_ratio": train.warmup_ratio,
+        "warmup_steps": train.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
         "max_length": train.max_length,
         "logging_steps": train.logging_steps,
         "save_strategy": "no",

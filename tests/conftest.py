@@ -51,7 +51,7 @@ def tiny_params(model_dir: Path, project: Path, **sections) -> dict:
         "model": {"name": str(model_dir), "cache_dir": str(project / "model-cache"),
                   "lora": {"r": 4, "alpha": 8}},
         "data": {"eval_fraction": 0.25, "max_rows": 48},
-        "sft": {"max_prompts": 8, "generation": generation, **train},
+        "sft": {"max_prompts": 8, "require_eos": False, "generation": generation, **train},
         "label": {"max_prompts": 16, "eval_fraction": 0.3, "samples_per_prompt": 4, "min_gap": 0.0,
                   "generation": generation},
         "reward": dict(train),

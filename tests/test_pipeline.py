@@ -1,0 +1,103 @@
+"""End to end: the alignment_pipeline flow under a real Prefect test server, a real MLflow SQLite store
+and a real DVC repository in a temporary git repository, on a tiny random-init model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import make_project, tiny_params
+
+ALL_STAGES = ["base", "prepare", "sft", "label", "reward", "dpo", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("project")
+    return make_project(root, tiny_params(tiny_model_dir, root))
+
+
+@pytest.fixture(scope="module")
+def runs(project, prefect_server):
+    """First run, an unchanged second run, and a third with dpo.beta changed."""
+    from flows.pipeline import alignment_pipeline
+
+    first = alignment_pipeline(params="params.yaml", root=str(project))
+    second = alignment_pipeline(params="params.yaml", root=str(project))
+    third = alignment_pipeline(params="params.yaml", overrides=["dpo.beta=0.5"], root=str(project))
+    return first, second, third
+
+
+def test_first_run_runs_every_stage_and_writes_outputs(runs, project):
+    first, _, _ = runs
+    assert first["cached"] == []
+    assert set(first["outputs"]) == set(ALL_STAGES)
+    for stage, location in first["outputs"].items():
+        result = json.loads((project / "outputs" / stage / location.rsplit("/", 1)[-1] / "result.json").read_text())
+        assert result["stage"] == stage
+    metrics = json.loads((project / "outputs" / "metrics.json").read_text())
+    assert set(metrics) == {"sft", "dpo"}
+    assert metrics["sft"]["kl_to_sft"] == 0.0
+    assert metrics["dpo"]["kl_to_sft"] == pytest.approx(metrics["dpo"]["kl_to_sft"])  # finite
+    assert 0.0 <= metrics["dpo"]["win_rate_vs_sft"] <= 1.0
+
+
+def test_training_stages_changed_weights(runs):
+    first, _, _ = runs
+    client = MlflowClient()
+    for stage in ("sft", "reward", "dpo"):
+        run_id = json.loads(open(f"{first['outputs'][stage]}/result.json").read())["info"]["mlflow_run_id"]
+        run = client.get_run(run_id)
+        assert run.data.metrics["weight_change"] > 0, stage
+        history = client.get_metric_history(run_id, "loss")
+        assert len(history) >= 2, f"{stage}: step-wise loss not logged"
+    dpo_run = json.loads(open(f"{first['outputs']['dpo']}/result.json").read())["info"]["mlflow_run_id"]
+    logged = client.get_run(dpo_run).data.metrics
+    assert "rewards/accuracies" in logged and "rewards/margins" in logged
+    reward_run = json.loads(open(f"{first['outputs']['reward']}/result.json").read())["info"]["mlflow_run_id"]
+    assert 0.0 <= client.get_run(reward_run).data.metrics["eval_pair_accuracy"] <= 1.0
+
+
+def test_second_run_is_all_cache_hits(runs):
+    first, second, _ = runs
+    assert sorted(second["cached"]) == sorted(ALL_STAGES)
+    assert second["outputs"] == first["outputs"]
+    assert second["metrics"] == first["metrics"]
+
+
+def test_beta_change_reruns_only_dpo_and_evaluate(runs):
+    first, _, third = runs
+    assert sorted(third["cached"]) == sorted(["base", "prepare", "sft", "label", "reward"])
+    assert third["outputs"]["dpo"] != first["outputs"]["dpo"]
+    assert third["outputs"]["evaluate"] != first["outputs"]["evaluate"]
+
+
+def test_policy_registered_once_per_trained_policy(runs):
+    client = MlflowClient()
+    versions = client.search_model_versions("name='alignflow-policy'")
+    assert len(versions) == 2  # first run and the beta change; the cached re-run added none
+
+
+def test_parent_runs_carry_dataset_digest_and_children(runs, project):
+    first, _, _ = runs
+    client = MlflowClient()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    parent = client.get_run(first["mlflow_run_id"])
+    digests = [d.dataset.digest for d in parent.inputs.dataset_inputs]
+    assert digests == [md5]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["alignflow.stage"] for c in children} == set(ALL_STAGES)
+    assert (project / "dvc-remote").is_dir()  # dvc push reached the remote
