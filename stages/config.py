@@ -35,7 +35,7 @@ class Section(BaseModel):
 class RunConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    method: Literal["dpo"] = "dpo"
+    method: Literal["dpo", "ppo", "both"] = "dpo"
     output_dir: str = "outputs"
     experiment: str = "alignflow"
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -90,6 +90,7 @@ class TrainConfig(Section):
     max_length: int = Field(default=192, ge=8)
     logging_steps: int = Field(default=5, ge=1)
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
 
 
 class SFTConfig(TrainConfig):
@@ -128,11 +129,50 @@ class DPOConfig(TrainConfig):
         "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
     ] = "sigmoid"
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    learning_rate: float = Field(default=2e-4, gt=0.0)
+
+
+class PPOConfig(Section):
+    """RLHF with PPO (Ziegler et al. 2019; Huang et al. 2024 "The N+ implementation details")."""
+
+    reward_source: Literal["reward_model", "gold"] = "reward_model"
+    updates: int = Field(default=10, ge=1)
+    rollout_batch_size: int = Field(default=32, ge=1)
+    mini_batch_size: int = Field(default=8, ge=1)
+    ppo_epochs: int = Field(default=2, ge=1)
+    max_prompts: int | None = Field(default=None, ge=1)
+    learning_rate: float = Field(default=3e-5, gt=0.0)
+    value_learning_rate: float = Field(default=1e-4, gt=0.0)
+    kl_coef: float = Field(default=0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = Field(default=6.0, gt=0.0)
+    kl_horizon: int = Field(default=10000, ge=1)
+    gamma: float = Field(default=1.0, gt=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    clip_range: float = Field(default=0.2, gt=0.0)
+    clip_range_value: float = Field(default=0.2, gt=0.0)
+    value_coef: float = Field(default=0.1, ge=0.0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = -1.0
+    ref_ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    checkpoint_every: int = Field(default=5, ge=1)
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self) -> PPOConfig:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"ppo.mini_batch_size ({self.mini_batch_size})"
+            )
+        return self
 
 
 class EvaluateConfig(Section):
-    max_prompts: int = Field(default=100, ge=1)
-    samples_per_prompt: int = Field(default=1, ge=1)
+    max_prompts: int = Field(default=64, ge=1)
+    samples_per_prompt: int = Field(default=2, ge=1)
     num_examples: int = Field(default=20, ge=0)
     generation: GenerationConfig = GenerationConfig()
 
@@ -145,6 +185,7 @@ class Config(Section):
     label: LabelConfig = LabelConfig()
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
@@ -156,6 +197,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "label": ("label", "data"),
     "reward": ("model", "reward"),
     "dpo": ("model", "dpo"),
+    "ppo": ("model", "ppo"),
     "evaluate": ("evaluate", "data"),
 }
 

@@ -47,7 +47,9 @@ def run(ctx: StageContext) -> StageOutput:
     )
     before = snapshot_trainable(trainer.model)
     train_output = trainer.train()
-    evaluation = trainer.evaluate()
+    last_step = trainer.state.global_step
+    evaluation = next((log for log in trainer.state.log_history if "eval_loss" in log and log["step"] == last_step),
+                      None) or trainer.evaluate()  # evaluate only when the last step was not an eval step
     ds = trainer.train_dataset
     tokens = int((sum(map(len, ds["prompt_ids"])) * 2 + sum(map(len, ds["chosen_ids"]))
                   + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)

@@ -17,6 +17,7 @@ from stages.models import load_causal_lm, load_tokenizer
 from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput
 
+
 def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], min_gap: float) -> list[dict]:
     """Pairs from one prompt's scored completions: best vs worst, and 2nd vs 3rd when there are 4+."""
     ranked = sorted(zip(scores, completions, strict=True), key=lambda item: -item[0])

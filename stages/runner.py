@@ -114,6 +114,7 @@ STAGES: dict[str, StageSpec] = {
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
     "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True),
     "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c)), trains=True),
+    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True),
     "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
 }
 

@@ -23,6 +23,7 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "warmup_steps": train.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
         "max_length": train.max_length,
         "logging_steps": train.logging_steps,
+        "gradient_checkpointing": train.gradient_checkpointing,  # TRL turns it on by default
         "save_strategy": "no",
         "report_to": "none",
         "seed": ctx.config.run.seed,

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.config import validate
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +58,8 @@ def tiny_params(model_dir: Path, project: Path, **sections) -> dict:
                   "generation": generation},
         "reward": dict(train),
         "dpo": dict(train),
+        "ppo": {"updates": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-3,
+                "generation": generation},
         "evaluate": {"max_prompts": 6, "samples_per_prompt": 1, "num_examples": 3, "generation": generation},
     }
     for section, values in sections.items():
@@ -75,5 +79,7 @@ def make_project(path: Path, params: dict) -> Path:
     shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
     # dvc.yaml's stages depend on the stage sources; a copy keeps `dvc commit` honest
     shutil.copytree(REPO / "stages", path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # every key spelled out, as in the shipped params.yaml (dvc.yaml's params refer to them)
+    full = validate(params).model_dump(mode="json")
+    (path / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     return path

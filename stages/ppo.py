@@ -1,0 +1,732 @@
+"""The ``ppo`` stage: RLHF with PPO from the SFT policy, against the reward model or the gold judge.
+
+TRL 1.16 deleted its PPOTrainer, so the loop is written here, after Ziegler et al. 2019 and the
+implementation details of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). All
+tensor math (log-probs, KL, rewards, GAE, whitening, losses, KL controllers) is in
+:mod:`stages.losses`; this module only moves batches through models.
+
+One update:
+
+1. draw ``rollout_batch_size`` prompts: a seeded shuffle of the training prompts, cycled;
+2. sample one response per prompt from the policy (batched, KV-cached; cut after the first EOS);
+3. score prompt + response with the reward model, read at the last token of the chat-rendered
+   conversation as TRL's RewardTrainer trained it (or with the task's gold judge), and add
+   ``missing_eos_penalty`` to the score of a response that never emitted EOS;
+4. without gradient: old policy log-probs, reference log-probs and critic values over the response
+   tokens; logits are divided by the sampling temperature before the log-softmax, here and in
+   training (N+ detail), so they describe the policy that sampled;
+5. per-token rewards ``-beta * KL_t`` plus the score on the last token, optionally whitened
+   (scale only), GAE, advantages whitened over the batch;
+6. ``ppo_epochs`` passes over the batch in shuffled mini-batches of ``mini_batch_size``: clipped
+   policy loss + ``value_coef`` * clipped value loss, one AdamW for the policy and one for the
+   critic, gradient norms clipped per model;
+7. the KL controller sees the batch's mean sequence KL (k1, summed over tokens).
+
+Design choices:
+
+- Policy = SFT weights + a LoRA adapter; the reference is the same module with the adapter
+  disabled, so no second copy is held. Without LoRA the reference is a frozen copy.
+- Reference EMA (Xu et al. 2024, ``ppo.ref_ema_decay``): with LoRA an EMA copy of the adapter
+  weights is kept and copied into the adapter for each reference pass (then the policy weights are
+  put back), so the reference is SFT + EMA(adapter). Without LoRA the frozen copy's own weights
+  follow the policy by EMA. Either way the EMA moves once per update, after the optimisation.
+- Critic: a copy of the reward model (backbone + scalar ``score`` head) whose head reads the hidden
+  state of every position, giving one value per response token (the state before that token);
+  trained with its own LoRA adapter (head in ``modules_to_save``) or in full. The reward model used
+  for scoring is a separate frozen copy.
+- Dropout is off: models stay in eval mode throughout (N+ detail), so the first mini-batch step of
+  every update starts from ratio exactly 1. Log-probs account for the temperature but not for
+  ``top_p``: keep ``ppo.generation.top_p`` at 1.0, as the N+ reference does, for exact ratios.
+- Checkpoints live in ``<run.output_dir>/checkpoints/ppo/<cache key>/update-NNNNNN/``, outside the
+  staging directory that the runner deletes when a stage fails: trainable weights of policy and
+  critic (and the EMA reference) as safetensors, both optimiser states (``torch.save``, loaded with
+  ``weights_only=True``), and ``state.json`` (update count, prompt cursor, KL coefficient, the
+  per-update metrics so far). No RNG state is stored: each update derives its seeds from
+  (run.seed, update index), so a resumed run draws the same prompts and samples as an uninterrupted
+  one. A checkpoint is written to a temporary directory and renamed into place; older ones are then
+  removed. The last checkpoint is kept after success, so a run that fails after this function
+  returns (e.g. while registering the model) resumes at the end instead of retraining; the cache
+  key changes with the code, params and inputs, so a stale checkpoint is never picked up. Delete
+  the directory to force a retrain of the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+from stages.config import PPOConfig
+from stages.generation import Messages, Samples, reward_scores, sample
+from stages.judges import GOLD_JUDGES, gold_judge
+from stages.losses import (
+    KLController,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    gather_log_probs,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from stages.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
+from stages.records import read_jsonl
+from stages.runner import StageContext, StageOutput
+from stages.training import snapshot_trainable, weight_change
+
+Scorer = Callable[[list[Messages], list[str]], Tensor]  # (prompts, response texts) -> (B,) scores on the CPU
+
+TIME_METRICS = ("time/generation", "time/scoring", "time/forward", "time/optimisation", "time/update")
+FINAL_METRICS = ("ppo/kl", "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/entropy", "ppo/response_length",
+                 "ppo/eos_fraction", "ppo/explained_variance")
+
+
+# --------------------------------------------------------------------------------------------------
+# Types
+# --------------------------------------------------------------------------------------------------
+class Sequences(NamedTuple):
+    """Prompts and sampled responses as token batches, laid out ``[pad.. prompt | response ..pad]``.
+
+    query_ids: (B, P) int64 chat-rendered prompt tokens, left-padded with the pad id.
+    query_mask: (B, P) bool, true on prompt tokens.
+    response_ids: (B, R) int64 response tokens up to and including the first EOS, right-padded with
+        the pad id (a valid id, so it can be gathered; masked out afterwards).
+    response_mask: (B, R) bool, true on response tokens; every row has at least one.
+    """
+
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+
+    def select(self, index: Tensor) -> Sequences:
+        """Rows ``index`` (b,), without the columns that are padding in every selected row."""
+        query_mask, response_mask = self.query_mask[index], self.response_mask[index]
+        start = query_mask.shape[1] - int(query_mask.sum(-1).max())
+        width = int(response_mask.sum(-1).max())
+        return Sequences(
+            self.query_ids[index, start:], query_mask[:, start:],
+            self.response_ids[index, :width], response_mask[:, :width],
+        )
+
+
+class Rollout(NamedTuple):
+    """One PPO batch: the samples and everything the optimisation epochs hold fixed.
+
+    sequences: the token batches, B rows and R response columns (see :class:`Sequences`).
+    scores: (B,) float32 sequence scores (reward model or gold judge, plus the missing-EOS penalty).
+    logprobs: (B, R) float32 log-probs of the response tokens under the sampling policy (pi_old),
+        at the sampling temperature.
+    ref_logprobs: (B, R) float32 the same under the reference policy.
+    values: (B, R) float32 critic values V_t at sampling time.
+    advantages: (B, R) float32 GAE advantages, whitened over the batch.
+    returns: (B, R) float32 value targets, GAE advantages before whitening + values.
+
+    Every (B, R) tensor is 0 on padding.
+    """
+
+    sequences: Sequences
+    scores: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    def select(self, index: Tensor) -> Rollout:
+        """The mini-batch of rows ``index`` (b,), trimmed to its own longest prompt and response."""
+        sequences = self.sequences.select(index)
+        width = sequences.response_ids.shape[1]
+        per_token = (self.logprobs, self.ref_logprobs, self.values, self.advantages, self.returns)
+        return Rollout(sequences, self.scores[index], *(tensor[index, :width] for tensor in per_token))
+
+
+class RolloutForward(NamedTuple):
+    """The no-gradient forward passes over a rollout, each (B, R) float32 and 0 on padding.
+
+    logprobs: response-token log-probs under the policy.
+    ref_logprobs: the same under the reference.
+    values: critic values.
+    entropy: entropy of the policy's (temperature-scaled) next-token distribution.
+    """
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    entropy: Tensor
+
+
+@dataclass
+class Critic:
+    """Per-token values V(s_t): the reward model's backbone and scalar head, trained (LoRA or full)."""
+
+    model: Module  # owns the parameters (a PeftModel when LoRA is on)
+    backbone: Module  # (B, L) ids -> last_hidden_state (B, L, H)
+    head: Module  # (..., H) -> (..., 1)
+
+
+@dataclass
+class Reference:
+    """Where reference log-probs come from, and the EMA that may move the reference weights.
+
+    ``model`` is called inside ``activate()``: the policy with its adapter disabled (LoRA), the
+    policy with EMA adapter weights swapped in (LoRA + EMA), or a frozen copy (no LoRA). ``ema``
+    holds the EMA weights under the names of the policy weights in ``tracked`` (both empty without
+    EMA).
+    """
+
+    model: Module
+    activate: Callable[[], AbstractContextManager]
+    tracked: dict[str, Tensor] = field(default_factory=dict)
+    ema: dict[str, Tensor] = field(default_factory=dict)
+    ema_decay: float | None = None
+
+    def update_ema(self) -> None:
+        """ref <- decay * ref + (1 - decay) * policy  (Xu et al. 2024); a no-op without EMA."""
+        if self.ema_decay is None:
+            return
+        with torch.no_grad():
+            for name, weight in self.ema.items():
+                weight.lerp_(self.tracked[name].detach(), 1.0 - self.ema_decay)
+
+
+@dataclass
+class Models:
+    """Everything an update calls: tokenizer, trainable policy and critic, reference, scorer."""
+
+    tokenizer: Any
+    policy: Module
+    reference: Reference
+    critic: Critic
+    scorer: Scorer
+
+
+@dataclass
+class Optimisers:
+    """One AdamW for the policy, one for the critic (their learning rates differ)."""
+
+    policy: torch.optim.Optimizer
+    critic: torch.optim.Optimizer
+
+    def step(self, loss: Tensor, max_grad_norm: float) -> None:
+        for optimiser in (self.policy, self.critic):
+            optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimiser in (self.policy, self.critic):
+            torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], max_grad_norm)
+            optimiser.step()
+
+
+@dataclass
+class Progress:
+    """What a checkpoint restores besides weights: how far training got."""
+
+    updates_done: int = 0
+    prompt_cursor: int = 0  # prompts drawn so far, across epochs of the shuffled prompt list
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per update
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------------
+def run(ctx: StageContext) -> StageOutput:
+    cfg = ctx.config.ppo
+
+    # Prompts
+    prompts = load_prompts(ctx.inputs["prepare"].path / "train.jsonl", cfg.max_prompts)
+
+    # Models, optimisers, KL controller
+    models = build_models(ctx)
+    optimisers = build_optimisers(models, cfg)
+    controller = make_kl_controller("adaptive" if cfg.adaptive_kl else "fixed", cfg.kl_coef,
+                                    cfg.kl_target, cfg.kl_horizon)
+    before = snapshot_trainable(models.policy)  # taken before a resume, so it measures the whole run
+
+    # Resume
+    checkpoints = checkpoint_dir(ctx)
+    progress = load_checkpoint(checkpoints, models, optimisers, controller, ctx.device)
+    resumed_from = progress.updates_done
+    if resumed_from:
+        print(f"[alignflow] ppo: resuming from update {resumed_from} ({checkpoints})")
+
+    # Training
+    train(ctx, models, optimisers, controller, prompts, progress, checkpoints)
+    metrics = {
+        **summary_metrics(progress, resumed_from),
+        "ppo/kl_coef": controller.value,
+        "train_prompts": float(len(prompts)),
+        "weight_change": weight_change(models.policy, before),
+    }
+
+    # Save
+    save_model(models.policy, models.tokenizer, ctx.out_dir / "model")
+    return StageOutput(metrics=metrics, info={"model": "model", "policy": True})
+
+
+def train(ctx: StageContext, models: Models, optimisers: Optimisers, controller: KLController,
+          prompts: list[Messages], progress: Progress, checkpoints: Path) -> None:
+    """Run the remaining updates, logging each and checkpointing every ``checkpoint_every`` and at the end."""
+    cfg = ctx.config.ppo
+    bar = tqdm(range(progress.updates_done, cfg.updates), initial=progress.updates_done, total=cfg.updates,
+               desc="ppo", unit="update")
+    for update in bar:
+        metrics = ppo_update(ctx, models, optimisers, controller, prompts, progress, update)
+        ctx.log_metrics(metrics, step=progress.updates_done)
+        bar.set_postfix(score=f"{metrics['ppo/score_mean']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if progress.updates_done % cfg.checkpoint_every == 0 or progress.updates_done == cfg.updates:
+            save_checkpoint(checkpoints, models, optimisers, controller, progress)
+
+
+def ppo_update(ctx: StageContext, models: Models, optimisers: Optimisers, controller: KLController,
+               prompts: list[Messages], progress: Progress, update: int) -> dict[str, float]:
+    """One PPO update (rollout, then optimisation); advances ``progress`` and returns its metrics."""
+    cfg, seed = ctx.config.ppo, ctx.config.run.seed
+    started = time.perf_counter()
+    indices = prompt_indices(len(prompts), progress.prompt_cursor, cfg.rollout_batch_size, seed)
+    kl_coef = controller.value
+    rollout, metrics = collect_rollout(models, [prompts[i] for i in indices], cfg, kl_coef,
+                                       seed=derive_seed(seed, "generation", update), device=ctx.device)
+
+    optimisation_started = time.perf_counter()
+    metrics |= optimise(rollout, models, optimisers, cfg, seed=derive_seed(seed, "minibatches", update))
+    models.reference.update_ema()
+    controller.update(metrics["ppo/kl"], cfg.rollout_batch_size)
+    finished = time.perf_counter()
+
+    progress.updates_done = update + 1
+    progress.prompt_cursor += cfg.rollout_batch_size
+    metrics |= {"time/optimisation": finished - optimisation_started, "time/update": finished - started}
+    progress.history.append(metrics)
+    return metrics
+
+
+def summary_metrics(progress: Progress, resumed_from: int) -> dict[str, float]:
+    """Final values of the main per-update metrics, and the mean time per update and its split."""
+    first, last = progress.history[0], progress.history[-1]
+    return {
+        "updates_done": float(progress.updates_done),
+        "resumed_from_update": float(resumed_from),
+        **{name: last[name] for name in FINAL_METRICS},
+        "ppo/score_mean_first": first["ppo/score_mean"],
+        **{f"{name}_mean": statistics.fmean(h[name] for h in progress.history) for name in TIME_METRICS},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and seeds
+# --------------------------------------------------------------------------------------------------
+def load_prompts(path: Path, max_prompts: int | None) -> list[Messages]:
+    """The chat prompts of ``train.jsonl`` (any chosen/rejected columns are ignored)."""
+    rows = read_jsonl(path)[:max_prompts]
+    if not rows:
+        raise ValueError(f"{path}: no rows, so no prompts to train PPO on")
+    for number, row in enumerate(rows, start=1):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(
+                f"{path}: row {number} (id {row.get('id')!r}): 'prompt' must be a non-empty list of "
+                f"{{role, content}} messages, got {prompt!r:.80}"
+            )
+    return [row["prompt"] for row in rows]
+
+
+def derive_seed(seed: int, purpose: str, index: int) -> int:
+    """A seed for (purpose, index) derived from ``run.seed``, so a resumed run repeats the same draws."""
+    digest = hashlib.sha256(f"ppo:{seed}:{purpose}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def prompt_indices(num_prompts: int, cursor: int, count: int, seed: int) -> list[int]:
+    """Prompts ``cursor .. cursor + count - 1`` of an endless stream of seeded shuffles of the prompts.
+
+    Epoch ``e`` of the stream is a permutation seeded by (seed, e), so the stream depends on the
+    cursor alone and needs no RNG state to resume.
+    """
+    first_epoch, last_epoch = cursor // num_prompts, (cursor + count - 1) // num_prompts
+    order = torch.cat([
+        torch.randperm(num_prompts, generator=torch.Generator().manual_seed(derive_seed(seed, "prompts", epoch)))
+        for epoch in range(first_epoch, last_epoch + 1)
+    ])
+    start = cursor - first_epoch * num_prompts
+    return order[start : start + count].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+def build_models(ctx: StageContext) -> Models:
+    sft_dir = str(ctx.inputs["sft"].model_dir)
+    tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="left")
+    scorer = SCORERS[ctx.config.ppo.reward_source](ctx, tokenizer)  # first: fails fast without a judge
+    policy, reference = build_policy(ctx, sft_dir)
+    return Models(tokenizer, policy, reference, build_critic(ctx), scorer)
+
+
+def build_policy(ctx: StageContext, sft_dir: str) -> tuple[Module, Reference]:
+    """The trainable policy and its reference (see the module docstring for the four cases)."""
+    model_config, decay = ctx.config.model, ctx.config.ppo.ref_ema_decay
+    policy = load_causal_lm(sft_dir, model_config, ctx.device).eval()
+    lora = peft_config(model_config.lora, "CAUSAL_LM")
+    if lora is None:
+        frozen = load_causal_lm(sft_dir, model_config, ctx.device).requires_grad_(False).eval()
+        return policy, _copy_reference(policy, frozen, decay)
+    policy = _with_lora(policy, lora, ctx.config.run.seed)
+    return policy, _adapter_reference(policy, decay)
+
+
+def _with_lora(model: Module, lora: Any, seed: int) -> Module:
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():  # LoRA's A matrices start random: seed them, leave the global RNG alone
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora).eval()
+
+
+def _adapter_reference(policy: Module, decay: float | None) -> Reference:
+    if decay is None:
+        return Reference(policy, policy.disable_adapter)
+    tracked = _trainable(policy)
+    ema = {name: weight.detach().clone() for name, weight in tracked.items()}
+    return Reference(policy, lambda: _swapped(tracked, ema), tracked, ema, decay)
+
+
+def _copy_reference(policy: Module, frozen: Module, decay: float | None) -> Reference:
+    if decay is None:
+        return Reference(frozen, nullcontext)
+    # The frozen copy's own weights are the EMA: updating them in place moves the reference.
+    return Reference(frozen, nullcontext, dict(policy.named_parameters()), dict(frozen.named_parameters()), decay)
+
+
+@contextmanager
+def _swapped(weights: dict[str, Tensor], replacement: dict[str, Tensor]) -> Iterator[None]:
+    """Copy ``replacement`` into ``weights`` (same names) for the duration, then put the originals back."""
+    saved = {name: weight.detach().clone() for name, weight in weights.items()}
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.copy_(replacement[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in weights.items():
+                weight.copy_(saved[name])
+
+
+def build_critic(ctx: StageContext) -> Critic:
+    """A trainable copy of the reward model, its head applied at every position."""
+    from peft import PeftModel
+
+    model = load_reward_model(str(ctx.inputs["reward"].model_dir), ctx.config.model, ctx.device).eval()
+    lora = peft_config(ctx.config.model.lora, "SEQ_CLS")  # modules_to_save=["score"]: the head trains in full
+    if lora is not None:
+        model = _with_lora(model, lora, ctx.config.run.seed + 1)
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{ctx.inputs['reward'].model_dir}: {type(inner).__name__} has no 'score' head; the PPO critic "
+            "needs a sequence-classification model with a linear 'score' head (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
+    return Critic(model=model, backbone=getattr(inner, inner.base_model_prefix), head=head)
+
+
+def build_optimisers(models: Models, cfg: PPOConfig) -> Optimisers:
+    # weight_decay 0, as in TRL's trainers and the N+ reference (plain Adam).
+    return Optimisers(
+        policy=torch.optim.AdamW(_trainable(models.policy).values(), lr=cfg.learning_rate, weight_decay=0.0),
+        critic=torch.optim.AdamW(_trainable(models.critic.model).values(), lr=cfg.value_learning_rate,
+                                 weight_decay=0.0),
+    )
+
+
+def _trainable(model: Module) -> dict[str, Tensor]:
+    return {name: weight for name, weight in model.named_parameters() if weight.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+def _reward_model_scorer(ctx: StageContext, tokenizer: Any) -> Scorer:
+    reward_model = load_reward_model(str(ctx.inputs["reward"].model_dir), ctx.config.model, ctx.device)
+    reward_model.requires_grad_(False).eval()
+    batch_size = ctx.config.ppo.generation.batch_size
+
+    def score(prompts: list[Messages], texts: list[str]) -> Tensor:
+        conversations = [[*prompt, {"role": "assistant", "content": text}]
+                         for prompt, text in zip(prompts, texts, strict=True)]
+        return reward_scores(reward_model, tokenizer, conversations, batch_size=batch_size)
+
+    return score
+
+
+def _gold_scorer(ctx: StageContext, tokenizer: Any) -> Scorer:
+    judge = gold_judge(ctx.config.data.task)
+    if judge is None:
+        raise ValueError(
+            f"ppo.reward_source is 'gold' but data.task {ctx.config.data.task!r} has no gold judge "
+            f"(tasks with one: {sorted(GOLD_JUDGES)}); set ppo.reward_source to 'reward_model'"
+        )
+    return lambda prompts, texts: torch.tensor(judge.score(texts), dtype=torch.float32)
+
+
+SCORERS: dict[str, Callable[[StageContext, Any], Scorer]] = {
+    "reward_model": _reward_model_scorer,
+    "gold": _gold_scorer,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------------
+def _model_inputs(sequences: Sequences) -> dict[str, Any]:
+    input_ids = torch.cat([sequences.query_ids, sequences.response_ids], dim=1)  # (B, P + R)
+    attention_mask = torch.cat([sequences.query_mask, sequences.response_mask], dim=1).long()  # (B, P + R)
+    # Positions count real tokens only, as generate() counts them under left padding.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + R)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "use_cache": False}
+
+
+def response_logits(model: Module, sequences: Sequences) -> Tensor:
+    """(B, R, V) logits that predict the response tokens (position t - 1 predicts token t).
+
+    Only the last R + 1 positions go through the LM head (``logits_to_keep``): the prompt's logits
+    are never computed.
+    """
+    width = sequences.response_ids.shape[1]
+    return model(**_model_inputs(sequences), logits_to_keep=width + 1).logits[:, :-1]
+
+
+def response_values(critic: Critic, sequences: Sequences) -> Tensor:
+    """(B, R) float32 values of the states before each response token, the head read at every position."""
+    prompt_width, width = sequences.query_ids.shape[1], sequences.response_ids.shape[1]
+    hidden = critic.backbone(**_model_inputs(sequences)).last_hidden_state  # (B, P + R, H)
+    states = hidden[:, prompt_width - 1 : prompt_width - 1 + width]  # (B, R, H)
+    return critic.head(states).squeeze(-1).float()  # (B, R)
+
+
+@torch.no_grad()
+def rollout_forward(models: Models, sequences: Sequences, temperature: float, chunk_size: int) -> RolloutForward:
+    """Policy, reference and critic over the rollout, one forward pass each per chunk of rows."""
+    width = sequences.response_ids.shape[1]
+    columns: list[list[Tensor]] = [[], [], [], []]
+    for index in torch.arange(len(sequences.response_ids), device=sequences.response_ids.device).split(chunk_size):
+        chunk = sequences.select(index)
+        logits = response_logits(models.policy, chunk)  # (b, r, V)
+        logprobs = gather_log_probs(logits, chunk.response_ids, temperature)  # (b, r)
+        entropy = entropy_from_logits(logits / temperature)  # (b, r)
+        del logits
+        with models.reference.activate():
+            ref_logits = response_logits(models.reference.model, chunk)  # (b, r, V)
+            ref_logprobs = gather_log_probs(ref_logits, chunk.response_ids, temperature)  # (b, r)
+        del ref_logits
+        values = response_values(models.critic, chunk)  # (b, r)
+        for column, tensor in zip(columns, (logprobs, ref_logprobs, values, entropy), strict=True):
+            masked = torch.where(chunk.response_mask, tensor, 0.0)
+            column.append(torch.nn.functional.pad(masked, (0, width - masked.shape[1])))  # (b, R)
+    return RolloutForward(*(torch.cat(column) for column in columns))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+# --------------------------------------------------------------------------------------------------
+def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_coef: float, *, seed: int,
+                    device: torch.device) -> tuple[Rollout, dict[str, float]]:
+    """Sample, score and evaluate one batch; return it with its rollout metrics and timings."""
+    started = time.perf_counter()
+    samples = sample(models.policy, models.tokenizer, prompts, 1, cfg.generation, seed=seed, desc="ppo: sampling")
+    generated = time.perf_counter()
+
+    ended = torch.tensor(samples.ended, dtype=torch.bool, device=device)  # (B,)
+    scores = models.scorer(prompts, samples.texts).to(device)  # (B,)
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores + cfg.missing_eos_penalty)
+    scored = time.perf_counter()
+
+    sequences = to_sequences(samples, models.tokenizer.pad_token_id, device)
+    forward = rollout_forward(models, sequences, cfg.generation.temperature, cfg.mini_batch_size)
+    rollout, metrics = assemble_rollout(sequences, scores, forward, cfg, kl_coef)
+    finished = time.perf_counter()
+
+    metrics |= {
+        "ppo/eos_fraction": float(ended.float().mean()),
+        "time/generation": generated - started,
+        "time/scoring": scored - generated,
+        "time/forward": finished - scored,
+    }
+    return rollout, metrics
+
+
+def to_sequences(samples: Samples, pad_id: int, device: torch.device) -> Sequences:
+    def padded(rows: list[list[int]], side: str) -> tuple[Tensor, Tensor]:
+        ids = pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+                           padding_value=pad_id, padding_side=side)
+        mask = pad_sequence([torch.ones(len(row), dtype=torch.bool) for row in rows], batch_first=True,
+                            padding_value=False, padding_side=side)
+        return ids.to(device), mask.to(device)
+
+    return Sequences(*padded(samples.prompt_ids, "left"), *padded(samples.response_ids, "right"))
+
+
+def assemble_rollout(sequences: Sequences, scores: Tensor, forward: RolloutForward, cfg: PPOConfig,
+                     kl_coef: float) -> tuple[Rollout, dict[str, float]]:
+    """Per-token rewards, GAE and whitening (all from :mod:`stages.losses`), and the batch's metrics."""
+    mask = sequences.response_mask  # (B, R)
+    whitenable = int(mask.sum()) >= 2  # the unbiased variance needs two tokens
+    token_rewards = compute_rewards(scores, forward.logprobs, forward.ref_logprobs, mask, kl_coef,
+                                    cfg.kl_estimator)
+    rewards = token_rewards.rewards  # (B, R)
+    if cfg.whiten_rewards and whitenable:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)  # scale only [Huang 2024]
+    advantages, returns = gae(rewards, forward.values, mask, cfg.gamma, cfg.lam)  # (B, R) each
+    if whitenable:
+        advantages = masked_whiten(advantages, mask)
+    sequence_kl = masked_sum(kl_penalty(forward.logprobs, forward.ref_logprobs, "k1"), mask, dim=-1)  # (B,)
+    metrics = {
+        "ppo/score_mean": scores.mean(),
+        # What PPO maximises: score - beta * KL, with the configured estimator, before any whitening.
+        "ppo/rlhf_reward_mean": masked_sum(token_rewards.rewards, mask, dim=-1).mean(),
+        "ppo/kl": sequence_kl.mean(),
+        "ppo/entropy": masked_mean(forward.entropy, mask),
+        "ppo/explained_variance": explained_variance(forward.values, returns, mask),
+        "ppo/response_length": mask.sum(-1).float().mean(),
+        "ppo/kl_coef": kl_coef,
+    }
+    rollout = Rollout(sequences, scores, forward.logprobs, forward.ref_logprobs, forward.values, advantages,
+                      returns)
+    return rollout, {name: float(value) for name, value in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------------
+def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOConfig, *,
+             seed: int) -> dict[str, float]:
+    """``ppo_epochs`` shuffled passes over the rollout in mini-batches; the mean of each loss statistic."""
+    generator = torch.Generator().manual_seed(seed)
+    device = rollout.scores.device
+    collected: dict[str, list[float]] = defaultdict(list)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(rollout.scores), generator=generator).to(device)
+        for index in order.split(cfg.mini_batch_size):
+            for name, value in minibatch_step(rollout.select(index), models, optimisers, cfg).items():
+                collected[name].append(value)
+    return {name: statistics.fmean(values) for name, values in collected.items()}
+
+
+def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: PPOConfig) -> dict[str, float]:
+    """One gradient step on the clipped policy and value losses: one forward of policy and critic."""
+    sequences, mask = batch.sequences, batch.sequences.response_mask
+    logits = response_logits(models.policy, sequences)  # (b, r, V)
+    logprobs = gather_log_probs(logits, sequences.response_ids, cfg.generation.temperature)  # (b, r)
+    values = response_values(models.critic, sequences)  # (b, r)
+    policy_out = policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip_range)
+    value_out = value_loss(values, batch.values, batch.returns, mask, cfg.clip_range_value)
+    optimisers.step(policy_out.loss + cfg.value_coef * value_out.loss, cfg.max_grad_norm)
+    return {
+        "ppo/policy_loss": float(policy_out.loss.detach()),
+        "ppo/value_loss": float(value_out.loss.detach()),
+        "ppo/clip_fraction": float(policy_out.clip_fraction),
+        "ppo/approx_kl": float(policy_out.approx_kl),
+        "ppo/value_clip_fraction": float(value_out.clip_fraction),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "update-"
+
+
+def checkpoint_dir(ctx: StageContext) -> Path:
+    """``<run.output_dir>/checkpoints/ppo/<key>``, the key parsed from ``.staging-<key>-<pid>``."""
+    match = re.fullmatch(r"\.staging-(.+)-[^-]+", ctx.out_dir.name)
+    key = match.group(1) if match else ctx.out_dir.name
+    return ctx.root / ctx.config.run.output_dir / "checkpoints" / "ppo" / key
+
+
+def save_checkpoint(directory: Path, models: Models, optimisers: Optimisers, controller: KLController,
+                    progress: Progress) -> Path:
+    """Write ``update-NNNNNN/`` atomically (temporary directory + rename), then drop older checkpoints."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    save_file(_to_cpu(_trainable(models.policy)), staging / "policy.safetensors")
+    save_file(_to_cpu(_trainable(models.critic.model)), staging / "critic.safetensors")
+    if models.reference.ema:
+        save_file(_to_cpu(models.reference.ema), staging / "reference_ema.safetensors")
+    torch.save({"policy": optimisers.policy.state_dict(), "critic": optimisers.critic.state_dict()},
+               staging / "optimisers.pt")
+    state = {"updates_done": progress.updates_done, "prompt_cursor": progress.prompt_cursor,
+             "kl_coef": controller.value, "history": progress.history}
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    target = directory / f"{CHECKPOINT_PREFIX}{progress.updates_done:06d}"
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    for old in directory.glob(f"{CHECKPOINT_PREFIX}*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(directory: Path, models: Models, optimisers: Optimisers, controller: KLController,
+                    device: torch.device) -> Progress:
+    """Restore the newest checkpoint under ``directory`` into the models and optimisers, if there is one."""
+    from safetensors.torch import load_file
+
+    for leftover in directory.glob(".tmp-*"):  # only a crash in the middle of a save leaves one
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*"))
+    if not found:
+        return Progress()
+    latest = found[-1]
+    _copy_into(_trainable(models.policy), load_file(latest / "policy.safetensors"), latest / "policy.safetensors")
+    _copy_into(_trainable(models.critic.model), load_file(latest / "critic.safetensors"),
+               latest / "critic.safetensors")
+    if models.reference.ema:
+        _copy_into(models.reference.ema, load_file(latest / "reference_ema.safetensors"),
+                   latest / "reference_ema.safetensors")
+    states = torch.load(latest / "optimisers.pt", map_location=device, weights_only=True)
+    optimisers.policy.load_state_dict(states["policy"])
+    optimisers.critic.load_state_dict(states["critic"])
+    state = json.loads((latest / "state.json").read_text())
+    controller.value = float(state["kl_coef"])
+    return Progress(int(state["updates_done"]), int(state["prompt_cursor"]), list(state["history"]))
+
+
+def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
+
+
+def _copy_into(weights: dict[str, Tensor], saved: dict[str, Tensor], source: Path) -> None:
+    if set(weights) != set(saved):
+        missing, unexpected = sorted(set(weights) - set(saved)), sorted(set(saved) - set(weights))
+        raise ValueError(
+            f"{source}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); it was written by a different setup: delete {source.parent.parent} to start over"
+        )
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.copy_(saved[name])

@@ -1,0 +1,102 @@
+"""Config validation: unknown keys, wrong types and impossible values fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import Config, ConfigError, load_config, parse_override, stage_params
+from stages.runner import STAGES, pipeline_order, stage_key
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "params/hh.yaml"])
+def test_shipped_params_files_are_valid(params):
+    config = load_config(REPO / params)
+    assert isinstance(config, Config)
+
+
+def test_shipped_params_yaml_spells_out_every_default():
+    """params.yaml is the documentation of every key: it must list them all, with the defaults."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert written == Config().model_dump(mode="json")
+
+
+def test_every_key_in_params_yaml_has_a_comment():
+    for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, f"params.yaml line {number} has no comment: {line!r}"
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'dpo\.bta'"):
+        load_config(write(tmp_path, {"dpo": {"bta": 0.1}}))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'dpoo'"):
+        load_config(write(tmp_path, {"dpoo": {}}))
+
+
+def test_wrong_type_is_named_with_the_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"'sft\.batch_size'.*got 'eight'"):
+        load_config(write(tmp_path, {"sft": {"batch_size": "eight"}}))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dpo.beta=-0.1", "dpo.beta"),
+    ("label.samples_per_prompt=1", "label.samples_per_prompt"),
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("run.device=tpu", "run.device"),
+    ("dpo.loss_type=nonsense", "dpo.loss_type"),
+    ("model.lora.r=0", "model.lora.r"),
+])
+def test_impossible_values_fail_before_any_model_loads(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "params.yaml", [override])
+
+
+def test_overrides_are_validated_and_applied():
+    config = load_config(REPO / "params.yaml", ["dpo.beta=0.25", "model.lora.enabled=false"])
+    assert config.dpo.beta == 0.25 and config.model.lora.enabled is False
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("dpo.beta")
+    with pytest.raises(ConfigError, match="name a section and a key"):
+        parse_override("beta=1")
+
+
+def test_sft_dataset_source_needs_a_dataset():
+    with pytest.raises(ConfigError, match="sft.dataset must name a dataset"):
+        load_config(REPO / "params.yaml", ["sft.source=dataset"])
+
+
+def test_config_is_frozen():
+    config = load_config(REPO / "params.yaml")
+    with pytest.raises(Exception, match="frozen"):
+        config.dpo.beta = 1.0  # type: ignore[misc]
+
+
+def test_cache_keys_follow_params_sections():
+    """A dpo.beta change changes the dpo key only; stage order follows the data task."""
+    base = load_config(REPO / "params.yaml")
+    changed = load_config(REPO / "params.yaml", ["dpo.beta=0.3"])
+    for stage in ("sft", "label", "reward"):
+        assert stage_params(base, stage) == stage_params(changed, stage)
+        assert stage_key(stage, base, {}) == stage_key(stage, changed, {})
+    assert stage_key("dpo", base, {}) != stage_key("dpo", changed, {})
+    assert pipeline_order(base) == ["prepare", "base", "sft", "label", "reward", "dpo", "evaluate"]
+    preference = load_config(REPO / "params/hh.yaml")
+    assert "label" not in pipeline_order(preference)
+    assert set(pipeline_order(base)) <= set(STAGES)

@@ -1,0 +1,263 @@
+"""Tests for stages/ppo.py: the PPO stage run directly (no Prefect, no MLflow) on a tiny random model.
+
+A StageContext is built by hand with fake results of the sft, reward and prepare stages; metrics go
+to a recording double of the MLflow tracker. Crash-resume is tested by making the third update raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import ppo
+from stages.config import validate
+from stages.runner import StageContext, StageOutput, StageResult
+from tests.conftest import tiny_params
+
+PER_UPDATE_METRICS = {
+    "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/approx_kl",
+    "ppo/policy_loss", "ppo/value_loss", "ppo/value_clip_fraction", "ppo/explained_variance",
+    "ppo/response_length", "ppo/eos_fraction", "ppo/kl_coef",
+    "time/generation", "time/scoring", "time/forward", "time/optimisation", "time/update",
+}
+SMALL_PPO = {
+    "updates": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-3,
+    "value_learning_rate": 1e-3, "generation": {"max_new_tokens": 8, "temperature": 1.5, "top_p": 1.0,
+                                                "batch_size": 4},
+}
+OPENINGS = ["The worst part of this film was", "Critics hated the sequel, but", "I walked out of the cinema",
+            "The soundtrack of this musical"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------------
+class RecordingTracker:
+    """Test double of stages.tracking.Tracker: records log_metrics calls instead of writing to MLflow."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and spinning threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _result(stage: str, output_dir: Path, info: dict | None = None) -> StageResult:
+    return StageResult(stage=stage, key=f"{stage}-key", output_dir=str(output_dir), content_key=f"{stage}-content",
+                       info=info or {})
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, tmp_path_factory) -> dict[str, StageResult]:
+    """Fake finished sft (the tiny LM), reward (the tiny LM with a 1-label head) and prepare stages."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("ppo-inputs")
+    shutil.copytree(tiny_model_dir, root / "sft" / "model")
+    torch.manual_seed(1)  # the reward head is random
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    reward_model.save_pretrained(root / "reward" / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "reward" / "model")
+
+    rows = [
+        {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Continue this movie review: {OPENINGS[i % 4]} {i}"}]}
+        for i in range(16)
+    ]
+    rows[0] |= {"chosen": [{"role": "assistant", "content": "Great."}],
+                "rejected": [{"role": "assistant", "content": "Bad."}]}  # ignored: PPO uses the prompt only
+    (root / "prepare").mkdir()
+    (root / "prepare" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {
+        "sft": _result("sft", root / "sft", {"model": "model"}),
+        "reward": _result("reward", root / "reward", {"model": "model"}),
+        "prepare": _result("prepare", root / "prepare"),
+    }
+
+
+def make_ctx(project: Path, tiny_model_dir: Path, inputs: dict[str, StageResult], *, ppo_params: dict,
+             key: str = "cachekey", pid: int = 1, tracker: RecordingTracker | None = None,
+             **sections: dict) -> StageContext:
+    """A StageContext as runner.run_stage builds it, with the staging directory named the same way."""
+    config = validate(tiny_params(tiny_model_dir, project, ppo=SMALL_PPO | ppo_params, **sections))
+    out_dir = project / "outputs" / "ppo" / f".staging-{key}-{pid}"
+    out_dir.mkdir(parents=True)
+    return StageContext("ppo", config, inputs, out_dir, project, torch.device("cpu"), tracker)
+
+
+def _first_changed(saved: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name in original if not torch.equal(saved[name], original[name])]
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def test_ppo_trains_logs_each_update_and_saves_a_changed_policy(tmp_path, tiny_model_dir, inputs):
+    tracker = RecordingTracker()
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params={}, tracker=tracker)
+    output = ppo.run(ctx)
+
+    assert isinstance(output, StageOutput)
+    assert output.info == {"model": "model", "policy": True}
+    metrics = output.metrics
+    assert metrics["updates_done"] == 2 and metrics["resumed_from_update"] == 0
+    assert metrics["weight_change"] > 0
+    assert math.isfinite(metrics["ppo/kl"]) and math.isfinite(metrics["ppo/score_mean"])
+    assert metrics["time/update_mean"] > 0
+
+    # One log_metrics call per update, steps 1 and 2, carrying every per-update metric.
+    assert [step for step, _ in tracker.calls] == [1, 2]
+    for _, logged in tracker.calls:
+        assert PER_UPDATE_METRICS <= set(logged)
+        assert 1 <= logged["ppo/response_length"] <= 8
+    # Before the first step the LoRA adapter is zero, so policy == reference and the KL is exactly 0;
+    # after it, the policy has moved away from the reference.
+    assert tracker.calls[0][1]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert tracker.calls[1][1]["ppo/kl"] != pytest.approx(0.0, abs=1e-9)
+
+    # The merged policy differs from the SFT model in the LoRA-targeted projections only.
+    saved = load_file(ctx.out_dir / "model" / "model.safetensors")
+    original = load_file(inputs["sft"].model_dir / "model.safetensors")
+    assert set(saved) == set(original)
+    changed = _first_changed(saved, original)
+    assert changed and all(name.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for name in changed)
+
+    # The final checkpoint is kept, and it is the only one.
+    checkpoints = tmp_path / "outputs" / "checkpoints" / "ppo" / "cachekey"
+    assert [p.name for p in checkpoints.iterdir()] == ["update-000002"]
+
+
+def test_gold_reward_with_ema_reference_starts_every_update_at_ratio_one(tmp_path, tiny_model_dir, inputs):
+    """One mini-batch per update and one epoch: each update's only step sees the policy that sampled,
+    so PPO's ratio is exactly 1 there (approx_kl 0, nothing clipped), which holds only if rollout and
+    training log-probs agree (same temperature, same positions, dropout off)."""
+    tracker = RecordingTracker()
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, tracker=tracker, data={"task": "sentiment"},
+                   ppo_params={"reward_source": "gold", "ref_ema_decay": 0.5, "mini_batch_size": 4, "ppo_epochs": 1})
+    metrics = ppo.run(ctx).metrics
+
+    assert metrics["weight_change"] > 0
+    for _, logged in tracker.calls:
+        assert -2.0 <= logged["ppo/score_mean"] <= 1.0  # VADER in [-1, 1], plus the -1 missing-EOS penalty
+        assert logged["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-7)
+        assert logged["ppo/clip_fraction"] == 0.0
+    checkpoint = tmp_path / "outputs" / "checkpoints" / "ppo" / "cachekey" / "update-000002"
+    assert (checkpoint / "reference_ema.safetensors").is_file()
+
+
+def test_gold_reward_needs_a_task_with_a_gold_judge(tmp_path, tiny_model_dir, inputs):
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, data={"task": "preference"},
+                   ppo_params={"reward_source": "gold"})
+    with pytest.raises(ValueError, match="data.task 'preference' has no gold judge"):
+        ppo.run(ctx)
+
+
+def test_full_finetuning_with_adaptive_kl_k3_and_ema(tmp_path, tiny_model_dir, inputs):
+    """Without LoRA: a frozen reference copy that follows the policy by EMA; every option on."""
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, model={"lora": {"enabled": False}},
+                   ppo_params={"adaptive_kl": True, "kl_estimator": "k3", "whiten_rewards": True,
+                               "ref_ema_decay": 0.9, "kl_coef": 0.05})
+    metrics = ppo.run(ctx).metrics
+
+    assert metrics["weight_change"] > 0
+    assert metrics["ppo/kl_coef"] != 0.05  # KL far below the target of 6: the adaptive controller lowers beta
+    assert metrics["ppo/kl_coef"] < 0.05
+    saved = load_file(ctx.out_dir / "model" / "model.safetensors")
+    original = load_file(inputs["sft"].model_dir / "model.safetensors")
+    assert any("mlp" in name for name in _first_changed(saved, original))  # full fine-tuning moved the MLPs
+
+
+def test_crash_after_a_checkpoint_resumes_where_it_stopped(tmp_path, tiny_model_dir, inputs, monkeypatch, capsys):
+    """updates=4, checkpoint every 2, the 3rd update raises; the re-run resumes at update 2 and ends
+    with the same weights as an uninterrupted run (so policy, critic, EMA reference, optimisers,
+    prompt cursor and KL coefficient were all restored)."""
+    params = {"updates": 4, "checkpoint_every": 2, "ref_ema_decay": 0.5}
+    collect_rollout, calls = ppo.collect_rollout, []
+
+    def crash_on_third_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash in update 3")
+        return collect_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "collect_rollout", crash_on_third_update)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ppo.run(make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params=params, key="crashy", pid=11))
+    checkpoints = tmp_path / "outputs" / "checkpoints" / "ppo" / "crashy"
+    assert [p.name for p in checkpoints.iterdir()] == ["update-000002"]
+    monkeypatch.setattr(ppo, "collect_rollout", collect_rollout)
+
+    tracker = RecordingTracker()
+    resumed_ctx = make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params=params, key="crashy", pid=12, tracker=tracker)
+    metrics = ppo.run(resumed_ctx).metrics
+    assert "resuming from update 2" in capsys.readouterr().out
+    assert metrics["resumed_from_update"] == 2 and metrics["updates_done"] == 4
+    assert [step for step, _ in tracker.calls] == [3, 4]
+    assert [p.name for p in checkpoints.iterdir()] == ["update-000004"]
+
+    straight_ctx = make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params=params, key="straight", pid=13)
+    straight = ppo.run(straight_ctx).metrics
+    assert straight["resumed_from_update"] == 0
+    assert metrics["ppo/kl"] == pytest.approx(straight["ppo/kl"], rel=1e-5, abs=1e-6)
+    resumed_weights = load_file(resumed_ctx.out_dir / "model" / "model.safetensors")
+    straight_weights = load_file(straight_ctx.out_dir / "model" / "model.safetensors")
+    for name, weight in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+def test_prompt_stream_is_a_cycle_of_seeded_shuffles_that_resumes_from_its_cursor():
+    stream = ppo.prompt_indices(5, 0, 15, seed=3)
+    for epoch in range(3):
+        assert sorted(stream[epoch * 5 : (epoch + 1) * 5]) == list(range(5))
+    assert stream[:5] != stream[5:10] or stream[5:10] != stream[10:15]  # epochs are reshuffled
+    assert ppo.prompt_indices(5, 3, 9, seed=3) == stream[3:12]  # any cursor continues the same stream
+    assert ppo.prompt_indices(5, 0, 5, seed=4) != stream[:5]
+
+
+def test_checkpoint_dir_is_keyed_by_the_cache_key_of_the_staging_dir(tmp_path):
+    config = validate({"run": {"output_dir": "out"}})
+
+    def ctx(name: str) -> StageContext:
+        return StageContext("ppo", config, {}, tmp_path / "out" / "ppo" / name, tmp_path, torch.device("cpu"), None)
+
+    assert ppo.checkpoint_dir(ctx(".staging-ab12cd-4242")) == tmp_path / "out" / "checkpoints" / "ppo" / "ab12cd"
+    assert ppo.checkpoint_dir(ctx(".staging-a-b-1")).name == "a-b"
+    assert ppo.checkpoint_dir(ctx("somewhere")).name == "somewhere"
+
+
+def test_lora_ema_reference_swaps_ema_weights_in_and_restores_the_policy(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    reference = ppo._adapter_reference(policy, decay=0.75)
+    name, weight = next((n, w) for n, w in policy.named_parameters() if "lora_B" in n)
+    assert torch.all(reference.ema[name] == 0)  # LoRA B starts at zero: the EMA reference starts at SFT
+
+    with torch.no_grad():
+        weight.fill_(1.0)  # "training" moved the policy
+    reference.update_ema()
+    torch.testing.assert_close(reference.ema[name], torch.full_like(weight, 0.25))  # 0.75 * 0 + 0.25 * 1
+    with reference.activate():
+        torch.testing.assert_close(weight.detach(), torch.full_like(weight, 0.25))
+    torch.testing.assert_close(weight.detach(), torch.ones_like(weight))
