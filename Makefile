@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench hh clean
+.PHONY: install run test lint bench bench-ppo hh clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/ppo_bench.py
+
+bench-ppo: $(STAMP)
+	$(BIN)/python bench/ppo_bench.py
 
 # the real-data profile: HH-RLHF harmless sample, copied into DVC-tracked data/raw
 hh: $(STAMP)

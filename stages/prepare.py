@@ -58,7 +58,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stages.config import DataConfig
-from stages.runner import StageContext, StageOutput
+from stages.runner import StageContext, StageOutput, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -880,5 +880,7 @@ def run(ctx: StageContext) -> StageOutput:
             "dataset_name": f"prepared-{config.data.task}",
             "dataset_path": config.data.prepared_dir,
             "quarantine": summary.quarantine_path,
+            # the same rows prepared under other params keep their downstream stages cached
+            "content_key": hash_files(ctx.out_dir, PREPARED_FILES),
         },
     )

@@ -167,13 +167,12 @@ def output_dir(stage: str, key: str, config: Config, root: Path) -> Path:
     return output_root(config, root) / stage / key
 
 
-def hash_files(directory: Path, skip: tuple[str, ...] = (RESULT_FILE,)) -> str:
-    """Content key of a directory: sha256 over its files' relative names and bytes."""
+def hash_files(directory: Path, names: tuple[str, ...]) -> str:
+    """Content key of some files of a directory: sha256 over their names and bytes."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        if file.name in skip or "checkpoint" in file.parts[-2]:
-            continue
-        digest.update(str(file.relative_to(directory)).encode())
+    for name in names:
+        file = directory / name
+        digest.update(name.encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(chunk)
@@ -239,7 +238,9 @@ def run_stage(
             stage=stage,
             key=key,
             output_dir=str(final_dir),
-            content_key=output.info.pop("content_key", None) or hash_files(staging),
+            # a stage's output is written once at its key's location, so the key names its content;
+            # stages whose output can repeat under other keys (prepared data, the base) hash it instead
+            content_key=output.info.pop("content_key", None) or key,
             metrics=metrics,
             info={**output.info, "mlflow_run_id": tracker.run_id if tracker else None},
         )

@@ -56,9 +56,13 @@ def test_first_run_runs_every_stage_and_writes_outputs(runs, project):
     assert 0.0 <= metrics["dpo"]["win_rate_vs_sft"] <= 1.0
 
 
-def test_training_stages_changed_weights(runs):
+def client_for(project) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def test_training_stages_changed_weights(runs, project):
     first, _, _ = runs
-    client = MlflowClient()
+    client = client_for(project)
     for stage in ("sft", "reward", "dpo"):
         run_id = json.loads(open(f"{first['outputs'][stage]}/result.json").read())["info"]["mlflow_run_id"]
         run = client.get_run(run_id)
@@ -86,15 +90,15 @@ def test_beta_change_reruns_only_dpo_and_evaluate(runs):
     assert third["outputs"]["evaluate"] != first["outputs"]["evaluate"]
 
 
-def test_policy_registered_once_per_trained_policy(runs):
-    client = MlflowClient()
+def test_policy_registered_once_per_trained_policy(runs, project):
+    client = client_for(project)
     versions = client.search_model_versions("name='alignflow-policy'")
     assert len(versions) == 2  # first run and the beta change; the cached re-run added none
 
 
 def test_parent_runs_carry_dataset_digest_and_children(runs, project):
     first, _, _ = runs
-    client = MlflowClient()
+    client = client_for(project)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
     parent = client.get_run(first["mlflow_run_id"])

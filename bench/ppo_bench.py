@@ -1,0 +1,136 @@
+"""PPO benchmark (`make bench-ppo`): every figure below is measured in this one run.
+
+1. Rollout generation throughput: batched, KV-cached sampling of a rollout batch against generating
+   the same responses one sequence at a time with the same model (generated tokens per second).
+2. Seconds per PPO update of alignflow's PPO stage on the peer's shape (SmolLM2-135M, LoRA r16 on all
+   linear layers, rollout batch 32, 48 new tokens, 2 PPO epochs, 4 minibatches, an untrained reward
+   model and critic from the base weights), with the wall time split into generation, scoring,
+   reference/critic forward passes and optimisation, and the peak RSS of this process.
+3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO), in its own virtual environment
+   (`.bench/trl112`, created on first use), via ../shared/bench/ppo_baseline_trl112.py.
+
+Usage: python bench/ppo_bench.py [--updates 2] [--skip-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PEER_SCRIPT = ROOT.parent / "shared" / "bench" / "ppo_baseline_trl112.py"
+PEER_VENV = ROOT / ".bench" / "trl112"
+PEER_PACKAGES = ["torch==2.13.0", "trl==1.12.0", "peft==0.21.2", "datasets==5.2.0", "accelerate==1.15.0"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_config(updates: int):
+    from stages.config import validate
+
+    return validate({
+        "run": {"device": "cpu"},
+        "model": {"lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
+        "ppo": {"updates": updates, "rollout_batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
+                "checkpoint_every": 1000,
+                "generation": {"max_new_tokens": 48, "temperature": 0.8, "batch_size": 32}},
+    })
+
+
+def generation_throughput(model_dir: str, config) -> dict[str, float]:
+    from stages.generation import sample
+    from stages.models import load_causal_lm, load_tokenizer, resolve_device
+    from stages.prepare import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(config.data, Path(tmp), seed=0, root=ROOT)
+        prompts = [json.loads(line)["prompt"] for line in (Path(tmp) / "train.jsonl").open()][:32]
+    model = load_causal_lm(model_dir, config.model, resolve_device(config.run))
+    tokenizer = load_tokenizer(model_dir, config.model)
+    generation = config.ppo.generation
+    batched = sample(model, tokenizer, prompts, 1, generation, seed=0, desc="batched (32 per call)")
+    single = sample(model, tokenizer, prompts, 1, generation.model_copy(update={"batch_size": 1}), seed=0,
+                    desc="one sequence at a time")
+    return {"batched_tokens_per_second": batched.tokens_per_second,
+            "sequential_tokens_per_second": single.tokens_per_second,
+            "speedup": batched.tokens_per_second / single.tokens_per_second}
+
+
+def ours(model_dir: str, config) -> dict[str, float]:
+    """alignflow's PPO stage, called bare on the peer's shape."""
+    from stages.models import resolve_device
+    from stages.prepare import prepare_data
+    from stages.runner import STAGES, StageContext, StageResult
+
+    scratch = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    prepare_data(config.data, scratch / "prepare", seed=0, root=ROOT)
+    model_link = scratch / "base"
+    model_link.mkdir()
+    (model_link / "model").symlink_to(model_dir)
+    base = StageResult("sft", "bench", str(model_link), "bench", info={"model": "model"})
+    inputs = {"sft": base, "reward": base,
+              "prepare": StageResult("prepare", "bench", str(scratch / "prepare"), "bench")}
+    out_dir = scratch / ".staging-bench-0"
+    out_dir.mkdir()
+    ctx = StageContext("ppo", config, inputs, out_dir, scratch, resolve_device(config.run), tracker=None)
+    started = time.perf_counter()
+    metrics = STAGES["ppo"].function()(ctx).metrics
+    metrics["stage_seconds"] = time.perf_counter() - started
+    metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics
+
+
+def peer(model_dir: str, updates: int) -> dict[str, float]:
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([str(python), str(PEER_SCRIPT), model_dir, str(updates)], cwd=tmp,
+                              capture_output=True, text=True, check=True)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("trl-1.12 PPO"))
+    seconds = float(re.search(r"([\d.]+) s/update", line).group(1))
+    tokens = float(re.search(r"([\d.]+) generated tok/s", line).group(1))
+    return {"seconds_per_update": seconds, "generated_tokens_per_second": tokens, "line": line}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=2)
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+
+    from stages.models import resolve_base
+
+    config = bench_config(args.updates)
+    model_dir = resolve_base(config.model)
+    report: dict = {"generation": generation_throughput(model_dir, config)}
+    report["alignflow"] = ours(model_dir, config)
+    if not args.skip_peer:
+        report["trl_1_12"] = peer(model_dir, args.updates)
+        report["ratio_seconds_per_update"] = (report["alignflow"]["time/update_mean"]
+                                              / report["trl_1_12"]["seconds_per_update"])
+    out = ROOT / "bench-results" / f"ppo-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    a, g = report["alignflow"], report["generation"]
+    print(f"\ngeneration: batched {g['batched_tokens_per_second']:.0f} tok/s vs one at a time "
+          f"{g['sequential_tokens_per_second']:.0f} tok/s = {g['speedup']:.1f}x")
+    print(f"alignflow PPO: {a['time/update_mean']:.1f} s/update (generation {a['time/generation_mean']:.1f}, "
+          f"scoring {a['time/scoring_mean']:.1f}, ref/critic forward {a['time/forward_mean']:.1f}, "
+          f"optimisation {a['time/optimisation_mean']:.1f}); peak RSS {a['peak_rss_gib']:.2f} GiB")
+    if "trl_1_12" in report:
+        print(f"TRL 1.12 PPO: {report['trl_1_12']['seconds_per_update']:.1f} s/update -> ratio "
+              f"{report['ratio_seconds_per_update']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
