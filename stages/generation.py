@@ -46,14 +46,21 @@ def render_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
     ]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device, side: str = "left"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids, mask), each (B, longest row), padded on ``side``; mask is bool."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+                       padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones(len(row), dtype=torch.bool) for row in rows], batch_first=True,
+                        padding_value=False, padding_side=side)
     return ids.to(device), mask.to(device)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = pad_rows(rows, pad_id, device, "left")
+    return ids, mask.long()
 
 
 def _trim_response(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:

@@ -69,11 +69,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.nn import Module
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from stages.config import PPOConfig
-from stages.generation import Messages, Samples, reward_scores, sample
+from stages.generation import Messages, Samples, pad_rows, reward_scores, sample
 from stages.judges import GOLD_JUDGES, gold_judge
 from stages.losses import (
     KLController,
@@ -579,14 +578,8 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
 
 
 def to_sequences(samples: Samples, pad_id: int, device: torch.device) -> Sequences:
-    def padded(rows: list[list[int]], side: str) -> tuple[Tensor, Tensor]:
-        ids = pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
-                           padding_value=pad_id, padding_side=side)
-        mask = pad_sequence([torch.ones(len(row), dtype=torch.bool) for row in rows], batch_first=True,
-                            padding_value=False, padding_side=side)
-        return ids.to(device), mask.to(device)
-
-    return Sequences(*padded(samples.prompt_ids, "left"), *padded(samples.response_ids, "right"))
+    return Sequences(*pad_rows(samples.prompt_ids, pad_id, device, "left"),
+                     *pad_rows(samples.response_ids, pad_id, device, "right"))
 
 
 def assemble_rollout(sequences: Sequences, scores: Tensor, forward: RolloutForward, cfg: PPOConfig,
