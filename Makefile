@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-ppo hh clean
+.PHONY: install run serve test lint bench bench-ppo hh clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/alignflow run
+
+# the Prefect UI (:4200) and MLflow UI (:5000) on 127.0.0.1, the flows served as deployments; Ctrl-C stops all
+serve: $(STAMP)
+	$(BIN)/alignflow serve
 
 test: $(STAMP)
 	$(BIN)/ruff check stages flows tests

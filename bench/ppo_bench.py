@@ -5,9 +5,12 @@
 2. Seconds per PPO update of alignflow's PPO stage on the peer's shape (SmolLM2-135M, LoRA r16 on all
    linear layers, rollout batch 32, 48 new tokens, 2 PPO epochs, 4 minibatches, an untrained reward
    model and critic from the base weights), with the wall time split into generation, scoring,
-   reference/critic forward passes and optimisation, and the peak RSS of this process.
-3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO), in its own virtual environment
-   (`.bench/trl112`, created on first use), via ../shared/bench/ppo_baseline_trl112.py.
+   reference/critic forward passes and optimisation, and the peak RSS of this process; in float32
+   (like for like with the peer) and with bf16 autocast (``run.mixed_precision: bf16``).
+3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO, float32), in its own virtual
+   environment (`.bench/trl112`, created on first use), via ../shared/bench/ppo_baseline_trl112.py:
+   once on its own prompts (4 short raw openings, ~8 tokens) and once with that script's prompt line
+   swapped for alignflow's chat-rendered prompts (~50 tokens), so both do the same work.
 
 Usage: python bench/ppo_bench.py [--updates 2] [--skip-peer]
 """
@@ -32,11 +35,11 @@ PEER_PACKAGES = ["torch==2.13.0", "trl==1.12.0", "peft==0.21.2", "datasets==5.2.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def bench_config(updates: int):
+def bench_config(updates: int, mixed_precision: str = "no"):
     from stages.config import validate
 
     return validate({
-        "run": {"device": "cpu"},
+        "run": {"device": "cpu", "mixed_precision": mixed_precision},
         "model": {"lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}},
         "ppo": {"updates": updates, "rollout_batch_size": 32, "mini_batch_size": 8, "ppo_epochs": 2,
                 "checkpoint_every": 1000,
@@ -87,13 +90,48 @@ def ours(model_dir: str, config) -> dict[str, float]:
     return metrics
 
 
-def peer(model_dir: str, updates: int) -> dict[str, float]:
+PEER_PROMPTS_LINE = 'prompts = [f"{openings[i % len(openings)]}" for i in range(batch * updates)]'
+
+
+def rendered_prompts(model_dir: str, config, count: int) -> list[str]:
+    """alignflow's first ``count`` training prompts as the chat-rendered text its PPO stage samples from."""
+    from stages.models import load_tokenizer
+    from stages.prepare import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_data(config.data, Path(tmp), seed=0, root=ROOT)
+        chats = [json.loads(line)["prompt"] for line in (Path(tmp) / "train.jsonl").open()][:count]
+    tokenizer = load_tokenizer(model_dir, config.model)
+    texts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+    for chat, text in zip(chats, texts, strict=True):  # the peer tokenizes the text: it must get the same ids
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+        if tokenizer(text)["input_ids"] != list(ids["input_ids"]):
+            raise RuntimeError("re-tokenizing the rendered prompt gives other token ids: an unfair comparison")
+    return texts
+
+
+def peer(model_dir: str, updates: int, prompts: list[str] | None = None) -> dict[str, float]:
+    """TRL 1.12's PPOTrainer via the shared peer script: on its own prompts, or (``prompts``) on ours.
+
+    For ours, the script runs unchanged except for its one line that builds the prompt list, which
+    then reads ``prompts`` from a JSON file: same model, LoRA, batch, lengths, epochs and minibatches.
+    """
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES], check=True)
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([str(python), str(PEER_SCRIPT), model_dir, str(updates)], cwd=tmp,
+        script = PEER_SCRIPT
+        if prompts is not None:
+            source = PEER_SCRIPT.read_text()
+            if source.count(PEER_PROMPTS_LINE) != 1:
+                raise RuntimeError(f"{PEER_SCRIPT}: its prompt line changed; update PEER_PROMPTS_LINE")
+            (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
+            script = Path(tmp) / "peer_on_our_prompts.py"
+            script.write_text(source.replace(
+                PEER_PROMPTS_LINE,
+                "import json; prompts = json.load(open('prompts.json'))[: batch * updates]"))
+        done = subprocess.run([str(python), str(script), model_dir, str(updates)], cwd=tmp,
                               capture_output=True, text=True, check=True)
     line = next(line for line in done.stdout.splitlines() if line.startswith("trl-1.12 PPO"))
     seconds = float(re.search(r"([\d.]+) s/update", line).group(1))
@@ -113,23 +151,36 @@ def main() -> None:
     model_dir = resolve_base(config.model)
     report: dict = {"generation": generation_throughput(model_dir, config)}
     report["alignflow"] = ours(model_dir, config)
+    report["alignflow_bf16"] = ours(model_dir, bench_config(args.updates, "bf16"))
     if not args.skip_peer:
         report["trl_1_12"] = peer(model_dir, args.updates)
-        report["ratio_seconds_per_update"] = (report["alignflow"]["time/update_mean"]
-                                              / report["trl_1_12"]["seconds_per_update"])
+        prompts = rendered_prompts(model_dir, config, 32 * args.updates)
+        report["trl_1_12_on_our_prompts"] = peer(model_dir, args.updates, prompts)
+        for ours_key in ("alignflow", "alignflow_bf16"):
+            seconds = report[ours_key]["time/update_mean"]
+            report[f"ratio_{ours_key}_vs_trl_own_prompts"] = seconds / report["trl_1_12"]["seconds_per_update"]
+            report[f"ratio_{ours_key}_vs_trl_same_prompts"] = (
+                seconds / report["trl_1_12_on_our_prompts"]["seconds_per_update"])
     out = ROOT / "bench-results" / f"ppo-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    a, g = report["alignflow"], report["generation"]
+    g = report["generation"]
     print(f"\ngeneration: batched {g['batched_tokens_per_second']:.0f} tok/s vs one at a time "
           f"{g['sequential_tokens_per_second']:.0f} tok/s = {g['speedup']:.1f}x")
-    print(f"alignflow PPO: {a['time/update_mean']:.1f} s/update (generation {a['time/generation_mean']:.1f}, "
-          f"scoring {a['time/scoring_mean']:.1f}, ref/critic forward {a['time/forward_mean']:.1f}, "
-          f"optimisation {a['time/optimisation_mean']:.1f}); peak RSS {a['peak_rss_gib']:.2f} GiB")
+    for ours_key, label in (("alignflow", "float32"), ("alignflow_bf16", "bf16 autocast")):
+        a = report[ours_key]
+        print(f"alignflow PPO, {label}: {a['time/update_mean']:.1f} s/update (generation "
+              f"{a['time/generation_mean']:.1f}, scoring {a['time/scoring_mean']:.1f}, ref/critic forward "
+              f"{a['time/forward_mean']:.1f}, optimisation {a['time/optimisation_mean']:.1f}); peak RSS "
+              f"{a['peak_rss_gib']:.2f} GiB (process so far)")
     if "trl_1_12" in report:
-        print(f"TRL 1.12 PPO: {report['trl_1_12']['seconds_per_update']:.1f} s/update -> ratio "
-              f"{report['ratio_seconds_per_update']:.2f}")
+        print(f"TRL 1.12 PPO (float32), its own prompts: {report['trl_1_12']['seconds_per_update']:.1f} s/update; "
+              f"on alignflow's prompts: {report['trl_1_12_on_our_prompts']['seconds_per_update']:.1f} s/update")
+        for ours_key, label in (("alignflow", "float32"), ("alignflow_bf16", "bf16 autocast")):
+            print(f"ratio alignflow {label} / TRL: same prompts "
+                  f"{report[f'ratio_{ours_key}_vs_trl_same_prompts']:.2f}, TRL's own shorter prompts "
+                  f"{report[f'ratio_{ours_key}_vs_trl_own_prompts']:.2f}")
 
 
 if __name__ == "__main__":

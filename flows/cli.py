@@ -1,5 +1,7 @@
-"""``alignflow``: the command line. ``run`` runs the Prefect flow; ``stage NAME`` runs one stage alone
-on the outputs of the stages before it (this is what ``dvc.yaml``'s stages call)."""
+"""``alignflow``: the command line. ``run`` runs the pipeline flow; ``compare`` the compare flow (the
+grid of methods in ``params.compare``, one report); ``serve`` starts the Prefect and MLflow UIs and serves
+the flows as deployments; ``stage NAME`` runs one stage alone on the outputs of the stages before it (this
+is what ``dvc.yaml``'s stages call)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,31 @@ def _run(args: argparse.Namespace) -> int:
     summary = alignment_pipeline(params=args.params, overrides=args.overrides, root=str(root))
     print(json.dumps(summary["metrics"], indent=2))
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import check_grid, compare
+
+    root = Path(args.root).resolve()
+    check_grid(load_config(root / args.params, args.overrides))  # fail on bad params before Prefect starts
+    summary = compare(params=args.params, overrides=args.overrides, root=str(root))
+    for row in summary["policies"]:
+        print("  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                        for key, value in row.items() if key != "run_id"))
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.serve import ServeError, serve
+
+    root = Path(args.root).resolve()
+    load_config(root / args.params, args.overrides)  # fail on bad params before any server starts
+    try:
+        return serve(params=args.params, overrides=args.overrides, root=str(root))
+    except ServeError as error:
+        print(f"alignflow serve: {error}", file=sys.stderr)
+        return 1
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -56,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the alignment_pipeline flow")
     _common(run)
     run.set_defaults(handler=_run)
+    compare = commands.add_parser("compare", help="run the compare flow: the params.compare grid of methods, "
+                                                  "one report")
+    _common(compare)
+    compare.set_defaults(handler=_compare)
+    serve = commands.add_parser("serve", help="start the Prefect UI and the MLflow UI and serve the flows as "
+                                              "deployments (alignment-pipeline, compare, retrain) until Ctrl-C")
+    _common(serve)
+    serve.set_defaults(handler=_serve)
     stage = commands.add_parser("stage", help="run one stage on the outputs of the stages before it")
     stage.add_argument("name", choices=sorted(STAGES))
     stage.add_argument("--no-track", action="store_true", help="do not log this stage to MLflow")

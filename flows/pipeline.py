@@ -42,36 +42,46 @@ def _cache_key(_context, parameters: dict[str, Any]) -> str:
     retry_delay_seconds=10,
 )
 def stage_task(
-    stage: str, key: str, config: Config, inputs: dict[str, StageResult], root: str, parent_run_id: str
+    stage: str, key: str, config: Config, inputs: dict[str, StageResult], root: str, parent_run_id: str,
+    tags: dict[str, str] | None = None,
 ) -> StageResult:
-    result = run_stage(stage, config, inputs, Path(root), parent_run_id=parent_run_id)
+    result = run_stage(stage, config, inputs, Path(root), parent_run_id=parent_run_id, tags=tags)
     if result.key != key:
         raise RuntimeError(f"{stage}: cache key changed during the run ({key} -> {result.key})")
     return result
 
 
-def run_stages(config: Config, root: Path, tracker: Tracker) -> tuple[dict[str, StageResult], list[str]]:
-    """Run (or take from cache) every stage the config needs; return results and the cached stages."""
-    logger = get_run_logger()
-    storage = output_root(config, root) / ".prefect"  # a Path: Prefect stores results there as files
-    results: dict[str, StageResult] = {}
+def run_task(stage: str, config: Config, inputs: dict[str, StageResult], root: Path, tracker: Tracker, *,
+             tags: dict[str, str] | None = None, name: str | None = None) -> tuple[StageResult, bool]:
+    """Run one stage as a cached Prefect task; return its result and whether it was a cache hit."""
+    key = stage_key(stage, config, inputs)
+    missing = not (output_dir(stage, key, config, root) / RESULT_FILE).is_file()
+    configured = stage_task.with_options(
+        task_run_name=name or stage,
+        tags=["gpu"] if STAGES[stage].trains else [],
+        result_storage=output_root(config, root) / ".prefect",  # a Path: Prefect stores results there as files
+        refresh_cache=missing,  # a cache record whose output was deleted is not trusted
+    )
+    state = configured(stage=stage, key=key, config=config, inputs=inputs, root=str(root),
+                       parent_run_id=tracker.run_id, tags=tags, return_state=True)
+    result = state.result()
+    if state.name == "Cached":
+        get_run_logger().info("%s: cache hit (key %s), nothing to run; output at %s", name or stage, key,
+                              result.output_dir)
+    return result, state.name == "Cached"
+
+
+def run_stages(config: Config, root: Path, tracker: Tracker, stages: list[str] | None = None,
+               results: dict[str, StageResult] | None = None) -> tuple[dict[str, StageResult], list[str]]:
+    """Run (or take from cache) ``stages`` (default: every stage the config's pipeline needs) in order,
+    each given the results of its inputs; return all results and the names of the cached stages."""
+    results = dict(results or {})
     cached: list[str] = []
-    for stage in pipeline_order(config):
+    for stage in stages or pipeline_order(config):
         inputs = {name: results[name] for name in STAGES[stage].inputs(config)}
-        key = stage_key(stage, config, inputs)
-        missing = not (output_dir(stage, key, config, root) / RESULT_FILE).is_file()
-        configured = stage_task.with_options(
-            tags=["gpu"] if STAGES[stage].trains else [],
-            result_storage=storage,
-            refresh_cache=missing,  # a cache record whose output was deleted is not trusted
-        )
-        state = configured(stage=stage, key=key, config=config, inputs=inputs, root=str(root),
-                           parent_run_id=tracker.run_id, return_state=True)
-        results[stage] = state.result()
-        if state.name == "Cached":
+        results[stage], hit = run_task(stage, config, inputs, root, tracker)
+        if hit:
             cached.append(stage)
-            logger.info("%s: cache hit (key %s), nothing to run; output at %s", stage, key,
-                        results[stage].output_dir)
     return results, cached
 
 
@@ -97,8 +107,15 @@ def _record_on_parent(tracker: Tracker, config: Config, results: dict[str, Stage
 def alignment_pipeline(
     params: str = "params.yaml", overrides: list[str] | None = None, root: str = "."
 ) -> dict[str, Any]:
-    """Run the whole pipeline for a params file (path relative to ``root``) and ``section.key=value``
-    overrides; return each stage's output directory and the evaluation metrics."""
+    """Run the whole pipeline for a params file and overrides; return each stage's output directory and
+    the evaluation metrics. Stages whose inputs and params are unchanged are taken from cache.
+
+    Args:
+        params: The params file, relative to root (for example params.yaml or params/hh.yaml).
+        overrides: Changes to the params file, one section.key=value each (for example dpo.beta=0.2), checked
+            like the file itself.
+        root: The project directory holding the params file, data/ and dvc.yaml.
+    """
     project = Path(root).resolve()
     config = load_config(project / params, overrides or [])
     setup_runtime(config.run)

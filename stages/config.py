@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,6 +44,9 @@ class RunConfig(Section):
     dvc: bool = True
     dvc_push: bool = True
     num_threads: int | None = Field(default=None, ge=1)
+    # Mixed precision for training and rollouts: weights and optimiser stay float32, matmuls run in
+    # bf16/fp16 under torch.autocast (CPUs with AVX512-BF16/AMX and GPUs run them several times faster).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 class LoraConfig(Section):
@@ -170,11 +174,121 @@ class PPOConfig(Section):
         return self
 
 
+class SimPOConfig(TrainConfig):
+    """SimPO (Meng et al. 2024): reference-free, length-normalised log-likelihood margin (TRL's CPOTrainer)."""
+
+    beta: float = Field(default=2.0, gt=0.0)
+    simpo_gamma: float = Field(default=0.5, ge=0.0)  # TRL CPOConfig's name for the target margin gamma
+    learning_rate: float = Field(default=2e-4, gt=0.0)
+
+
+class ORPOConfig(TrainConfig):
+    """ORPO (Hong et al. 2024): SFT loss plus beta (the paper's lambda) times an odds-ratio loss."""
+
+    beta: float = Field(default=0.1, gt=0.0)
+    learning_rate: float = Field(default=2e-4, gt=0.0)
+
+
+class OnlineRLConfig(TrainConfig):
+    """RLOO (Ahmadian et al. 2024) and GRPO (Shao et al. 2024): online RL with groups of samples per prompt."""
+
+    reward_source: Literal["reward_model", "gold"] = "reward_model"
+    num_generations: int = Field(default=4, ge=2)
+    beta: float = Field(default=0.05, ge=0.0)
+    max_prompts: int | None = Field(default=64, ge=1)
+    max_completion_length: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.8, gt=0.0)
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    max_steps: int = 8
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> OnlineRLConfig:
+        completions = self.batch_size * self.gradient_accumulation_steps
+        if completions % self.num_generations:
+            raise ValueError(
+                f"batch_size x gradient_accumulation_steps ({completions} completions per optimiser step) must "
+                f"be a multiple of num_generations ({self.num_generations}), so that each step holds whole groups"
+            )
+        if self.max_completion_length >= self.max_length:
+            raise ValueError(
+                f"max_completion_length ({self.max_completion_length}) must be below max_length "
+                f"({self.max_length}), which also has to hold the prompt"
+            )
+        return self
+
+
 class EvaluateConfig(Section):
     max_prompts: int = Field(default=64, ge=1)
     samples_per_prompt: int = Field(default=2, ge=1)
     num_examples: int = Field(default=20, ge=0)
     generation: GenerationConfig = GenerationConfig()
+
+
+DPO_LOSS_TYPES = get_args(DPOConfig.model_fields["loss_type"].annotation)
+
+
+class CompareConfig(Section):
+    """The grid of ``alignflow compare``: every policy trained from the same SFT model and reward model.
+
+    Each entry overrides one key of its method's own section (``dpo.beta``, ``ppo.kl_coef``, ...);
+    every other setting comes from that section, so a grid point is exactly ``alignflow run`` with
+    ``--set section.key=value``, cached under the same key.
+    """
+
+    sweep: str = "default"  # a name for this grid; tagged on every run of it (alignflow.sweep)
+    dpo_beta: list[float] = [0.1, 0.5]
+    dpo_loss_types: list[str] = ["sigmoid"]
+    ppo_kl_coef: list[float] = [0.05]
+    ppo_gold: bool = True
+    online: list[Literal["rloo", "grpo"]] = []
+    reference_free: list[Literal["simpo", "orpo"]] = ["simpo"]
+    report_dir: str = "reports"
+    max_examples: int = Field(default=8, ge=0)
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> CompareConfig:
+        unknown = sorted(set(self.dpo_loss_types) - set(DPO_LOSS_TYPES))
+        if unknown:
+            raise ValueError(f"compare.dpo_loss_types: unknown {unknown}; TRL's DPO losses are {list(DPO_LOSS_TYPES)}")
+        for name in ("dpo_beta", "ppo_kl_coef"):
+            values = getattr(self, name)
+            if any(value < 0 for value in values) or len(set(values)) != len(values):
+                raise ValueError(f"compare.{name} must hold distinct values >= 0, got {values}")
+        if self.dpo_beta and not self.dpo_loss_types:
+            raise ValueError("compare.dpo_beta is set but compare.dpo_loss_types is empty")
+        return self
+
+
+ENV_VAR_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+class ServeConfig(Section):
+    """``alignflow serve``: the Prefect server and UI, the MLflow UI, and the served deployments.
+
+    Secrets never live in params: the Prefect database URL (PostgreSQL, with its password) is read from
+    the environment variable that ``prefect_database_env`` names; unset, Prefect uses SQLite under
+    ``log_dir``.
+    """
+
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+    mlflow_port: int = Field(default=5000, ge=1, le=65535)
+    mlflow: bool = True
+    gpu_slots: int = Field(default=1, ge=1)
+    prefect_database_env: str = Field(default="PREFECT_API_DATABASE_CONNECTION_URL", pattern=f"^{ENV_VAR_NAME}$")
+    log_dir: str = ".serve"
+    startup_timeout: float = Field(default=180.0, gt=0.0)
+    stop_timeout: float = Field(default=20.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_in_params(cls, data: Any) -> Any:
+        # A database URL pasted here may hold a password: fail on it without echoing it into logs.
+        value = data.get("prefect_database_env") if isinstance(data, dict) else None
+        if isinstance(value, str) and not re.fullmatch(ENV_VAR_NAME, value):
+            data = {**data, "prefect_database_env": "<not shown: must be the NAME of an environment variable "
+                                                    "that holds the database URL>"}
+        return data
 
 
 class Config(Section):
@@ -186,7 +300,13 @@ class Config(Section):
     reward: RewardConfig = RewardConfig()
     dpo: DPOConfig = DPOConfig()
     ppo: PPOConfig = PPOConfig()
+    simpo: SimPOConfig = SimPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    rloo: OnlineRLConfig = OnlineRLConfig()
+    grpo: OnlineRLConfig = OnlineRLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -198,7 +318,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "reward": ("model", "reward"),
     "dpo": ("model", "dpo"),
     "ppo": ("model", "ppo"),
+    "simpo": ("model", "simpo"),
+    "orpo": ("model", "orpo"),
+    "rloo": ("model", "rloo"),
+    "grpo": ("model", "grpo"),
     "evaluate": ("evaluate", "data"),
+    # One policy (or the SFT model) scored on the held-out prompts, as evaluate scores each.
+    "score": ("evaluate", "data"),
+    # The SFT model's log-probs of the DPO pairs: they depend on how pairs are cut, not on beta or the
+    # loss, so every DPO run of a sweep shares them. "section.key" entries name single keys.
+    "dpo_reference": ("model", "dpo.max_length"),
 }
 
 
@@ -266,4 +395,9 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
 def stage_params(config: Config, stage: str) -> dict[str, Any]:
     """The params sections a stage depends on, as plain data (logged to MLflow, hashed in keys)."""
-    return {name: getattr(config, name).model_dump(mode="json") for name in STAGE_SECTIONS[stage]}
+    params: dict[str, Any] = {}
+    for name in STAGE_SECTIONS[stage]:
+        section, _, key = name.partition(".")
+        value = getattr(config, section)
+        params[name] = getattr(value, key) if key else value.model_dump(mode="json")
+    return params

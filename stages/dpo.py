@@ -1,20 +1,37 @@
 """The ``dpo`` stage: Direct Preference Optimisation from the SFT policy, with TRL's DPOTrainer.
 
-With LoRA the reference policy is the SFT weights with the adapter disabled (TRL does this when
-``ref_model`` is None and a peft config is given), so no second copy of the model is held. The
-trained adapter is merged into a full policy, saved, logged to MLflow and registered.
+The reference policy is the SFT model, and its log-probs of the pairs come precomputed from the
+``dpo_reference`` stage (shared by every DPO run on the same SFT model and pairs), so training runs
+no reference forward pass and holds no reference model: TRL's ``precompute_ref_log_probs`` path, fed
+the stored columns instead of computing them again. The trained adapter is merged into a full policy,
+saved, logged to MLflow and registered.
 """
 
 from __future__ import annotations
 
+from stages.dpo_reference import load_reference
 from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
 from stages.reward import pair_dataset
 from stages.runner import StageContext, StageOutput
 from stages.training import snapshot_trainable, throughput_metrics, trainer_args, weight_change
 
 
+def _shared_reference_trainer(reference_dir):
+    from trl import DPOTrainer
+
+    class SharedReferenceDPOTrainer(DPOTrainer):
+        """DPOTrainer whose precomputed reference log-probs are read from the dpo_reference stage."""
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            for column, values in load_reference(reference_dir, name, len(dataset)).items():
+                dataset = dataset.add_column(column, values)
+            return dataset
+
+    return SharedReferenceDPOTrainer
+
+
 def run(ctx: StageContext) -> StageOutput:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     cfg = ctx.config.dpo
     pairs = ctx.inputs["label"] if "label" in ctx.inputs else ctx.inputs["prepare"]
@@ -24,7 +41,6 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="right")
     model = load_causal_lm(sft_dir, ctx.config.model, ctx.device)
     lora = peft_config(ctx.config.model.lora, "CAUSAL_LM")
-    reference = None if lora else load_causal_lm(sft_dir, ctx.config.model, ctx.device)
 
     # Training
     args = DPOConfig(**trainer_args(
@@ -34,10 +50,10 @@ def run(ctx: StageContext) -> StageOutput:
         label_smoothing=cfg.label_smoothing,
         eval_strategy="steps",
         eval_steps=max(cfg.logging_steps * 4, 1),
+        precompute_ref_log_probs=True,
     ))
-    trainer = DPOTrainer(
+    trainer = _shared_reference_trainer(ctx.inputs["dpo_reference"].path)(
         model=model,
-        ref_model=reference,
         args=args,
         train_dataset=pair_dataset(pairs.path / "train.jsonl"),
         eval_dataset=pair_dataset(pairs.path / "eval.jsonl"),

@@ -48,11 +48,45 @@ def _policy_metrics(samples: Samples, gold: list[float] | None, rm: list[float],
     return metrics
 
 
+def held_out_prompts(ctx: StageContext) -> list:
+    """The first ``evaluate.max_prompts`` prompts of the prepared eval split (chat messages)."""
+    rows = read_jsonl(ctx.inputs["prepare"].path / "eval.jsonl")[: ctx.config.evaluate.max_prompts]
+    return [row["prompt"] for row in rows]
+
+
+def score_policy(name: str, model, reference, reward_model, tokenizer, prompts: list, ctx: StageContext) -> dict:
+    """Sample ``model`` on ``prompts`` and score every sample: gold judge, reward model, KL to ``reference``.
+
+    Returns ``{"samples": Samples, "gold": [..] | None, "rm": [..], "kl": [..]}``, one entry per sample
+    in prompt-major order. The sampling seed is the same for every policy, so the i-th sample of every
+    policy answers the same prompt (what win rates between policies compare).
+    """
+    cfg, judge = ctx.config.evaluate, gold_judge(ctx.config.data.task)
+    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.generation,
+                     seed=ctx.config.run.seed + 1, desc=f"evaluate: sampling {name}")
+    conversations = [prompts[i] + [{"role": "assistant", "content": t}]
+                     for i, t in zip(samples.prompt_index, samples.texts, strict=True)]
+    rm = reward_scores(reward_model, tokenizer, conversations).tolist()
+    if model is reference:
+        kl = [0.0] * len(samples.texts)
+    else:
+        pad = tokenizer.pad_token_id
+        policy_logps = sequence_log_probs(model, samples.prompt_ids, samples.response_ids, pad_id=pad)
+        reference_logps = sequence_log_probs(reference, samples.prompt_ids, samples.response_ids, pad_id=pad)
+        kl = (policy_logps - reference_logps).tolist()
+    gold = judge.score(samples.texts) if judge else None
+    return {"samples": samples, "gold": gold, "rm": rm, "kl": kl}
+
+
+def policy_metrics(scored: dict) -> dict[str, float]:
+    """The per-policy figures of a :func:`score_policy` result (win rates need a second policy)."""
+    return _policy_metrics(scored["samples"], scored["gold"], scored["rm"], scored["kl"])
+
+
 def run(ctx: StageContext) -> StageOutput:
     cfg = ctx.config.evaluate
     judge = gold_judge(ctx.config.data.task)
-    rows = read_jsonl(ctx.inputs["prepare"].path / "eval.jsonl")[: cfg.max_prompts]
-    prompts = [row["prompt"] for row in rows]
+    prompts = held_out_prompts(ctx)
     policies = {BASELINE: ctx.inputs["sft"]} | {
         name: result for name, result in ctx.inputs.items() if result.info.get("policy")
     }
@@ -68,21 +102,8 @@ def run(ctx: StageContext) -> StageOutput:
     for name, result in policies.items():
         model = reference if name == BASELINE else load_causal_lm(str(result.model_dir), ctx.config.model,
                                                                   ctx.device)
-        samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.generation,
-                         seed=ctx.config.run.seed + 1, desc=f"evaluate: sampling {name}")
-        conversations = [prompts[i] + [{"role": "assistant", "content": t}]
-                         for i, t in zip(samples.prompt_index, samples.texts, strict=True)]
-        rm = reward_scores(reward_model, tokenizer, conversations).tolist()
-        if name == BASELINE:
-            kl = [0.0] * len(samples.texts)
-        else:
-            pad = tokenizer.pad_token_id
-            policy_logps = sequence_log_probs(model, samples.prompt_ids, samples.response_ids, pad_id=pad)
-            reference_logps = sequence_log_probs(reference, samples.prompt_ids, samples.response_ids, pad_id=pad)
-            kl = (policy_logps - reference_logps).tolist()
-            del model
-        gold = judge.score(samples.texts) if judge else None
-        per_policy[name] = {"samples": samples, "gold": gold, "rm": rm, "kl": kl}
+        per_policy[name] = score_policy(name, model, reference, reward_model, tokenizer, prompts, ctx)
+        del model
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.config import GenerationConfig
-from stages.losses import gather_log_probs
+from stages.losses import entropy_from_logits, gather_log_probs
 
 Messages = list[dict[str, str]]
 
@@ -28,6 +28,10 @@ class Samples:
     texts: list[str]  # decoded responses, special tokens removed
     ended: list[bool]  # whether the response ended with EOS (not cut at max_new_tokens)
     seconds: float  # wall time of generation
+    # With ``sample(..., with_logprobs=True)``: per response token, its log-prob under the sampling
+    # distribution softmax(logits / temperature), and that distribution's entropy (nats).
+    logprobs: list[list[float]] | None = None
+    entropies: list[list[float]] | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -46,12 +50,13 @@ def render_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
     ]
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device, side: str = "left"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows -> (ids, mask), each (B, longest row), padded on ``side``; mask is bool."""
+def pad_rows(rows: list[list[int]] | list[list[float]], pad_id: float, device: torch.device, side: str = "left",
+             dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of tokens (or per-token numbers) -> (values, mask), each (B, longest row), padded with
+    ``pad_id`` on ``side``; mask is bool."""
     from torch.nn.utils.rnn import pad_sequence
 
-    ids = pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+    ids = pad_sequence([torch.tensor(row, dtype=dtype) for row in rows], batch_first=True,
                        padding_value=pad_id, padding_side=side)
     mask = pad_sequence([torch.ones(len(row), dtype=torch.bool) for row in rows], batch_first=True,
                         padding_value=False, padding_side=side)
@@ -88,11 +93,14 @@ def sample(
     *,
     seed: int,
     desc: str = "sampling",
+    with_logprobs: bool = False,
 ) -> Samples:
     """Draw ``n`` responses per prompt, ``generation.batch_size`` sequences per ``generate`` call.
 
     Sequences are grouped by prompt length so batches carry little padding; the KV cache makes each
-    new token cost one forward step over the batch.
+    new token cost one forward step over the batch. ``with_logprobs`` also returns each token's
+    log-prob and the entropy at the sampling temperature, read off the logits that sampling computed
+    anyway (PPO takes its pi_old from here instead of a second forward pass).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -102,6 +110,7 @@ def sample(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     results: dict[tuple[int, int], tuple[list[int], bool]] = {}
+    token_stats: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
     started = time.perf_counter()
     with tqdm(total=len(jobs), desc=desc, unit="seq") as bar:
         for start in range(0, len(jobs), generation.batch_size):
@@ -117,9 +126,17 @@ def sample(
                 max_new_tokens=generation.max_new_tokens,
                 pad_token_id=pad_id,
                 use_cache=True,
+                output_logits=with_logprobs,
+                return_dict_in_generate=True,
             )
-            for job, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
+            new_tokens = out.sequences[:, ids.shape[1]:]  # (b, T)
+            for job, row in zip(batch, new_tokens.tolist(), strict=True):
                 results[job] = _trim_response(row, eos_ids, pad_id)
+            if with_logprobs:
+                logprobs, entropies = _step_statistics(out.logits, new_tokens, generation.temperature)
+                for j, job in enumerate(batch):
+                    length = len(results[job][0])
+                    token_stats[job] = logprobs[j, :length].tolist(), entropies[j, :length].tolist()
             bar.update(len(batch))
     seconds = time.perf_counter() - started
     torch.random.set_rng_state(generator_state)
@@ -132,7 +149,23 @@ def sample(
         texts=[tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in response_ids],
         ended=[results[job][1] for job in order],
         seconds=seconds,
+        logprobs=[token_stats[job][0] for job in order] if with_logprobs else None,
+        entropies=[token_stats[job][1] for job in order] if with_logprobs else None,
     )
+
+
+def _step_statistics(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per generated token: log-prob of the sampled token and entropy, both at ``temperature``.
+
+    step_logits: T tensors (b, V), the raw logits of each generation step.
+    tokens: (b, T) the sampled tokens.
+    Returns two (b, T) float32 tensors.
+    """
+    logits = torch.stack(step_logits, dim=1).float()  # (b, T, V); bf16/fp16 under autocast, upcast
+    logprobs = gather_log_probs(logits, tokens, temperature)  # (b, T)
+    entropies = entropy_from_logits(logits / temperature)  # (b, T)
+    return logprobs.float(), entropies.float()
 
 
 @torch.no_grad()

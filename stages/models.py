@@ -59,6 +59,12 @@ def setup_runtime(run: RunConfig) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def autocast(run: RunConfig, device: torch.device) -> torch.autocast:
+    """``torch.autocast`` for ``run.mixed_precision`` on ``device`` (disabled for "no")."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision, torch.bfloat16)
+    return torch.autocast(device.type, dtype=dtype, enabled=run.mixed_precision != "no")
+
+
 # --------------------------------------------------------------------------------------------------
 # Resolution: name -> local safetensors directory (or hub id)
 # --------------------------------------------------------------------------------------------------

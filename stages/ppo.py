@@ -77,7 +77,6 @@ from stages.judges import GOLD_JUDGES, gold_judge
 from stages.losses import (
     KLController,
     compute_rewards,
-    entropy_from_logits,
     explained_variance,
     gae,
     gather_log_probs,
@@ -89,7 +88,7 @@ from stages.losses import (
     policy_loss,
     value_loss,
 )
-from stages.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
+from stages.models import autocast, load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
 from stages.training import snapshot_trainable, weight_change
@@ -105,15 +104,20 @@ FINAL_METRICS = ("ppo/kl", "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/entrop
 # Types
 # --------------------------------------------------------------------------------------------------
 class Sequences(NamedTuple):
-    """Prompts and sampled responses as token batches, laid out ``[pad.. prompt | response ..pad]``.
+    """Prompts and sampled responses as token batches: ``prefix`` + ``[pad.. prompt rest | response ..pad]``.
 
-    query_ids: (B, P) int64 chat-rendered prompt tokens, left-padded with the pad id.
+    prefix_ids: (C,) int64 the tokens every prompt of the rollout starts with (the chat template's
+        header and system prompt, a shared instruction; C may be 0). Forward passes run them once and
+        share their keys and values across the rows, instead of once per row.
+    query_ids: (B, P) int64 the rest of each chat-rendered prompt (at least one token), left-padded
+        with the pad id.
     query_mask: (B, P) bool, true on prompt tokens.
     response_ids: (B, R) int64 response tokens up to and including the first EOS, right-padded with
         the pad id (a valid id, so it can be gathered; masked out afterwards).
     response_mask: (B, R) bool, true on response tokens; every row has at least one.
     """
 
+    prefix_ids: Tensor
     query_ids: Tensor
     query_mask: Tensor
     response_ids: Tensor
@@ -125,7 +129,7 @@ class Sequences(NamedTuple):
         start = query_mask.shape[1] - int(query_mask.sum(-1).max())
         width = int(response_mask.sum(-1).max())
         return Sequences(
-            self.query_ids[index, start:], query_mask[:, start:],
+            self.prefix_ids, self.query_ids[index, start:], query_mask[:, start:],
             self.response_ids[index, :width], response_mask[:, :width],
         )
 
@@ -219,6 +223,7 @@ class Models:
     reference: Reference
     critic: Critic
     scorer: Scorer
+    autocast: Callable[[], AbstractContextManager] = nullcontext  # run.mixed_precision for every forward pass
 
 
 @dataclass
@@ -379,7 +384,8 @@ def build_models(ctx: StageContext) -> Models:
     tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="left")
     scorer = SCORERS[ctx.config.ppo.reward_source](ctx, tokenizer)  # first: fails fast without a judge
     policy, reference = build_policy(ctx, sft_dir)
-    return Models(tokenizer, policy, reference, build_critic(ctx), scorer)
+    return Models(tokenizer, policy, reference, build_critic(ctx), scorer,
+                  autocast=lambda: autocast(ctx.config.run, ctx.device))
 
 
 def build_policy(ctx: StageContext, sft_dir: str) -> tuple[Module, Reference]:
@@ -498,13 +504,34 @@ SCORERS: dict[str, Callable[[StageContext, Any], Scorer]] = {
 # --------------------------------------------------------------------------------------------------
 # Forward passes
 # --------------------------------------------------------------------------------------------------
-def _model_inputs(sequences: Sequences) -> dict[str, Any]:
+def _backbone(model: Module) -> Module:
+    """The transformer body of a causal LM or classifier (a PeftModel's adapters stay in place)."""
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(inner, inner.base_model_prefix)
+
+
+def _model_inputs(backbone: Module, sequences: Sequences) -> dict[str, Any]:
+    """Keyword arguments for a forward pass over ``[prefix | query | response]``.
+
+    The shared prefix goes through ``backbone`` once, as a single row, and its key/value cache is
+    repeated over the batch: the rows then attend to it as if each had been given the prefix itself,
+    while the projections and MLPs of the prefix tokens run once instead of B times. Gradients flow
+    through the cache into the prefix computation. Positions count real tokens only, as ``generate``
+    counts them under left padding.
+    """
     input_ids = torch.cat([sequences.query_ids, sequences.response_ids], dim=1)  # (B, P + R)
-    attention_mask = torch.cat([sequences.query_mask, sequences.response_mask], dim=1).long()  # (B, P + R)
-    # Positions count real tokens only, as generate() counts them under left padding.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + R)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "use_cache": False}
+    mask = torch.cat([sequences.query_mask, sequences.response_mask], dim=1).long()  # (B, P + R)
+    batch, prefix_length = input_ids.shape[0], sequences.prefix_ids.shape[0]
+    inputs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if prefix_length:
+        cache = backbone(input_ids=sequences.prefix_ids[None], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(batch)
+        inputs |= {"past_key_values": cache, "use_cache": True}
+        mask = torch.cat([mask.new_ones(batch, prefix_length), mask], dim=1)  # (B, C + P + R)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_length:]  # (B, P + R)
+    return inputs | {"attention_mask": mask, "position_ids": position_ids}
 
 
 def response_logits(model: Module, sequences: Sequences) -> Tensor:
@@ -514,37 +541,41 @@ def response_logits(model: Module, sequences: Sequences) -> Tensor:
     are never computed.
     """
     width = sequences.response_ids.shape[1]
-    return model(**_model_inputs(sequences), logits_to_keep=width + 1).logits[:, :-1]
+    return model(**_model_inputs(_backbone(model), sequences), logits_to_keep=width + 1).logits[:, :-1]
 
 
 def response_values(critic: Critic, sequences: Sequences) -> Tensor:
     """(B, R) float32 values of the states before each response token, the head read at every position."""
     prompt_width, width = sequences.query_ids.shape[1], sequences.response_ids.shape[1]
-    hidden = critic.backbone(**_model_inputs(sequences)).last_hidden_state  # (B, P + R, H)
+    hidden = critic.backbone(**_model_inputs(critic.backbone, sequences)).last_hidden_state  # (B, P + R, H)
     states = hidden[:, prompt_width - 1 : prompt_width - 1 + width]  # (B, R, H)
     return critic.head(states).squeeze(-1).float()  # (B, R)
 
 
 @torch.no_grad()
-def rollout_forward(models: Models, sequences: Sequences, temperature: float, chunk_size: int) -> RolloutForward:
-    """Policy, reference and critic over the rollout, one forward pass each per chunk of rows."""
+def rollout_forward(models: Models, sequences: Sequences, samples: Samples, chunk_size: int,
+                    temperature: float) -> RolloutForward:
+    """Reference and critic over the rollout, one forward pass each per chunk of rows.
+
+    pi_old's log-probs and entropies are those sampling computed (``sample(..., with_logprobs=True)``),
+    not a third forward pass: the same weights, tokens and temperature give the same numbers.
+    """
     width = sequences.response_ids.shape[1]
-    columns: list[list[Tensor]] = [[], [], [], []]
+    columns: list[list[Tensor]] = [[], []]
     for index in torch.arange(len(sequences.response_ids), device=sequences.response_ids.device).split(chunk_size):
         chunk = sequences.select(index)
-        logits = response_logits(models.policy, chunk)  # (b, r, V)
-        logprobs = gather_log_probs(logits, chunk.response_ids, temperature)  # (b, r)
-        entropy = entropy_from_logits(logits / temperature)  # (b, r)
-        del logits
         with models.reference.activate():
             ref_logits = response_logits(models.reference.model, chunk)  # (b, r, V)
             ref_logprobs = gather_log_probs(ref_logits, chunk.response_ids, temperature)  # (b, r)
         del ref_logits
         values = response_values(models.critic, chunk)  # (b, r)
-        for column, tensor in zip(columns, (logprobs, ref_logprobs, values, entropy), strict=True):
+        for column, tensor in zip(columns, (ref_logprobs, values), strict=True):
             masked = torch.where(chunk.response_mask, tensor, 0.0)
             column.append(torch.nn.functional.pad(masked, (0, width - masked.shape[1])))  # (b, R)
-    return RolloutForward(*(torch.cat(column) for column in columns))
+    device = sequences.response_ids.device
+    logprobs, _ = pad_rows(samples.logprobs, 0, device, "right", dtype=torch.float32)  # (B, R)
+    entropy, _ = pad_rows(samples.entropies, 0, device, "right", dtype=torch.float32)  # (B, R)
+    return RolloutForward(logprobs, torch.cat(columns[0]), torch.cat(columns[1]), entropy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,17 +585,21 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
                     device: torch.device) -> tuple[Rollout, dict[str, float]]:
     """Sample, score and evaluate one batch; return it with its rollout metrics and timings."""
     started = time.perf_counter()
-    samples = sample(models.policy, models.tokenizer, prompts, 1, cfg.generation, seed=seed, desc="ppo: sampling")
+    with models.autocast():
+        samples = sample(models.policy, models.tokenizer, prompts, 1, cfg.generation, seed=seed,
+                         desc="ppo: sampling", with_logprobs=True)
     generated = time.perf_counter()
 
     ended = torch.tensor(samples.ended, dtype=torch.bool, device=device)  # (B,)
-    scores = models.scorer(prompts, samples.texts).to(device)  # (B,)
+    with models.autocast():
+        scores = models.scorer(prompts, samples.texts).to(device)  # (B,)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, scores + cfg.missing_eos_penalty)
     scored = time.perf_counter()
 
     sequences = to_sequences(samples, models.tokenizer.pad_token_id, device)
-    forward = rollout_forward(models, sequences, cfg.generation.temperature, cfg.mini_batch_size)
+    with models.autocast():
+        forward = rollout_forward(models, sequences, samples, cfg.mini_batch_size, cfg.generation.temperature)
     rollout, metrics = assemble_rollout(sequences, scores, forward, cfg, kl_coef)
     finished = time.perf_counter()
 
@@ -578,8 +613,20 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
 
 
 def to_sequences(samples: Samples, pad_id: int, device: torch.device) -> Sequences:
-    return Sequences(*pad_rows(samples.prompt_ids, pad_id, device, "left"),
+    """Token batches of the samples, the prompts' common prefix split off (see :class:`Sequences`)."""
+    prefix_length = shared_prefix_length(samples.prompt_ids)
+    prefix = torch.tensor(samples.prompt_ids[0][:prefix_length], dtype=torch.long, device=device)  # (C,)
+    return Sequences(prefix, *pad_rows([ids[prefix_length:] for ids in samples.prompt_ids], pad_id, device, "left"),
                      *pad_rows(samples.response_ids, pad_id, device, "right"))
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the longest common prefix of ``rows``, leaving every row at least one token after it."""
+    length = min(len(row) for row in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+    return max(length, 0)
 
 
 def assemble_rollout(sequences: Sequences, scores: Tensor, forward: RolloutForward, cfg: PPOConfig,
@@ -631,9 +678,10 @@ def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOC
 def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: PPOConfig) -> dict[str, float]:
     """One gradient step on the clipped policy and value losses: one forward of policy and critic."""
     sequences, mask = batch.sequences, batch.sequences.response_mask
-    logits = response_logits(models.policy, sequences)  # (b, r, V)
-    logprobs = gather_log_probs(logits, sequences.response_ids, cfg.generation.temperature)  # (b, r)
-    values = response_values(models.critic, sequences)  # (b, r)
+    with models.autocast():  # forward only; backward follows the dtypes autocast chose
+        logits = response_logits(models.policy, sequences)  # (b, r, V)
+        values = response_values(models.critic, sequences)  # (b, r)
+    logprobs = gather_log_probs(logits, sequences.response_ids, cfg.generation.temperature)  # (b, r), float32
     policy_out = policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip_range)
     value_out = value_loss(values, batch.values, batch.returns, mask, cfg.clip_range_value)
     optimisers.step(policy_out.loss + cfg.value_coef * value_out.loss, cfg.max_grad_norm)

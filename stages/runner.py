@@ -92,7 +92,8 @@ class StageContext:
 class StageSpec:
     module: str  # stages.<module> holds `run(ctx) -> StageOutput`
     inputs: Callable[[Config], tuple[str, ...]]
-    trains: bool = False  # tagged `gpu` in the flow; logs a model
+    trains: bool = False  # uses the model (GPU when there is one): tagged `gpu` in the flows
+    code: tuple[str, ...] = ()  # other stage modules it imports, part of its code version
 
     def function(self) -> Callable[[StageContext], StageOutput]:
         return importlib.import_module(f"stages.{self.module}").run
@@ -113,9 +114,18 @@ STAGES: dict[str, StageSpec] = {
     "sft": StageSpec("sft", lambda c: ("base", "prepare"), trains=True),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
     "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True),
-    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c)), trains=True),
+    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True,
+                               code=("reward.py",)),
+    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), "dpo_reference"), trains=True,
+                     code=("reward.py", "dpo_reference.py")),
     "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True),
+    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), trains=True, code=("reward.py",)),
+    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), trains=True, code=("reward.py",)),
+    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), trains=True),
+    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), trains=True),
     "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
+    # one policy (input "policy"; the SFT model when there is none) scored like evaluate scores each
+    "score": StageSpec("score", lambda c: ("prepare", "sft", "reward"), trains=True, code=("evaluate.py",)),
 }
 
 
@@ -140,7 +150,7 @@ def code_version(stage: str) -> str:
     """Hash of the source files a stage's behaviour depends on."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in (f"{STAGES[stage].module}.py", *SHARED_CODE):
+    for name in (f"{STAGES[stage].module}.py", *STAGES[stage].code, *SHARED_CODE):
         file = here / name
         if file.is_file():
             digest.update(name.encode())
@@ -154,6 +164,8 @@ def stage_key(stage: str, config: Config, inputs: dict[str, StageResult]) -> str
         "code": code_version(stage),
         "params": stage_params(config, stage),
         "seed": config.run.seed,
+        # numerics of the model stages: autocast changes what they compute
+        "precision": config.run.mixed_precision if STAGES[stage].trains else None,
         "inputs": {name: inputs[name].content_key for name in sorted(inputs)},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -203,14 +215,21 @@ def run_stage(
     parent_run_id: str | None = None,
     track: bool = True,
     device: torch.device | None = None,
+    tags: dict[str, str] | None = None,
 ) -> StageResult:
-    """Run ``stage`` on its inputs, or return the finished output already at its key's location."""
+    """Run ``stage`` on its inputs, or return the finished output already at its key's location.
+
+    ``tags`` go on the stage's MLflow run (e.g. a sweep's method and setting); on a cache hit they
+    are set on the run that produced the output.
+    """
     from stages.models import resolve_device
 
     key = stage_key(stage, config, inputs)
     final_dir = output_dir(stage, key, config, root)
     if (final_dir / RESULT_FILE).is_file():
         result = StageResult.load(final_dir)
+        if tags and track and result.info.get("mlflow_run_id"):
+            Tracker.attach(config.run, root, result.info["mlflow_run_id"]).set_tags(tags)
         _publish_pointer(result, config, root)
         print(f"[alignflow] {stage}: cache hit, output at {final_dir}")
         return result
@@ -220,8 +239,8 @@ def run_stage(
     staging.mkdir(parents=True)
     tracker = (
         Tracker.start(
-            config.run, root, stage, parent_run_id=parent_run_id, tags={"alignflow.stage": stage,
-                                                                     "alignflow.cache_key": key}
+            config.run, root, stage, parent_run_id=parent_run_id,
+            tags={"alignflow.stage": stage, "alignflow.cache_key": key, **(tags or {})},
         )
         if track
         else None

@@ -81,6 +81,27 @@ class Tracker:
         created = client.create_run(experiment_id, run_name=name, tags=all_tags)
         return cls(client, created.info.run_id, experiment_id, uri)
 
+    @classmethod
+    def attach(cls, run: RunConfig, root: Path, run_id: str) -> Tracker:
+        """A tracker for an existing run (e.g. to tag the run that produced a cached output)."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(run, root)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(tracking_uri=uri)
+        return cls(client, run_id, client.get_run(run_id).info.experiment_id, uri)
+
+    def for_run(self, run_id: str) -> Tracker:
+        """A tracker for another run of the same store."""
+        return Tracker(self.client, run_id, self.experiment_id, self.uri)
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Step-wise values of those ``keys`` the run logged: key -> [(step, value)], by step."""
+        logged = self.client.get_run(self.run_id).data.metrics
+        return {key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+                for key in keys if key in logged}
+
     @property
     def url(self) -> str:
         return f"{self.uri} experiment {self.experiment_id} run {self.run_id}"

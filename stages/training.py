@@ -1,12 +1,18 @@
-"""What the TRL-based training stages share: trainer arguments, throughput and weight-change figures."""
+"""What the TRL-based training stages share: trainer arguments, throughput and weight-change figures,
+and for the online RL stages (rloo, grpo) their prompts, reward functions and last logged figures."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.config import TrainConfig
+from stages.config import OnlineRLConfig, TrainConfig
+from stages.judges import GOLD_JUDGES, gold_judge
+from stages.models import load_reward_model, load_tokenizer
+from stages.records import read_jsonl
 from stages.runner import StageContext
 
 
@@ -28,8 +34,8 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "report_to": "none",
         "seed": ctx.config.run.seed,
         "use_cpu": ctx.device.type == "cpu",
-        "bf16": ctx.config.model.dtype == "bfloat16",
-        "fp16": ctx.config.model.dtype == "float16",
+        "bf16": ctx.config.model.dtype == "bfloat16" or ctx.config.run.mixed_precision == "bf16",
+        "fp16": ctx.config.model.dtype == "float16" or ctx.config.run.mixed_precision == "fp16",
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         **extra,
@@ -63,4 +69,111 @@ def throughput_metrics(train_output, tokens_seen: int, model) -> dict[str, float
         "train_tokens_per_second": tokens_per_second,
         "train_model_flops_per_second": 6.0 * non_embedding_params(model) * tokens_per_second,
         "train_loss": float(train_output.metrics.get("train_loss", float("nan"))),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Pair-based stages on TRL's CPO-style trainers (simpo, orpo)
+# --------------------------------------------------------------------------------------------------
+def pair_tokens(trainer) -> int:
+    """Tokens trained on: chosen and rejected sequences (prompt included), times the epochs reached."""
+    dataset = trainer.train_dataset
+    per_epoch = sum(map(len, dataset["chosen_input_ids"])) + sum(map(len, dataset["rejected_input_ids"]))
+    return int(per_epoch * (trainer.state.epoch or 0.0))
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """``final_eval_*``: the last step's evaluation, run once more only if the last step had none."""
+    last_step = trainer.state.global_step
+    evaluation = next((log for log in trainer.state.log_history if "eval_loss" in log and log["step"] == last_step),
+                      None) or trainer.evaluate()
+    return {f"final_{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Online RL stages (rloo, grpo): prompts, reward functions and trainer arguments
+# --------------------------------------------------------------------------------------------------
+def prompt_dataset(path: Path, cfg: OnlineRLConfig, tokenizer, section: str):
+    """The chat prompts of ``train.jsonl`` as a TRL prompt-only dataset, and how many were dropped.
+
+    RLOOConfig and GRPOConfig have no ``max_length``; a prompt is dropped here instead when it and
+    ``max_completion_length`` new tokens would not fit in ``max_length``.
+    """
+    from datasets import Dataset
+
+    rows = read_jsonl(path)[: cfg.max_prompts]
+    budget = cfg.max_length - cfg.max_completion_length
+    kept = [{"prompt": row["prompt"]} for row in rows if _prompt_tokens(tokenizer, row["prompt"]) <= budget]
+    if not kept:
+        raise ValueError(
+            f"{path}: none of the {len(rows)} prompts fits in {section}.max_length ({cfg.max_length}) minus "
+            f"{section}.max_completion_length ({cfg.max_completion_length}); raise {section}.max_length"
+        )
+    return Dataset.from_list(kept), len(rows) - len(kept)
+
+
+def _prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _reward_model_reward(ctx: StageContext, section: str) -> tuple[list, list]:
+    """The reward stage's model and tokenizer; TRL scores the chat-formatted prompt + completion."""
+    reward_dir = str(ctx.inputs["reward"].model_dir)
+    model = load_reward_model(reward_dir, ctx.config.model, ctx.device).eval()
+    return [model], [load_tokenizer(reward_dir, ctx.config.model, padding_side="right")]
+
+
+def _gold_reward(ctx: StageContext, section: str) -> tuple[list, list]:
+    """A TRL reward function that scores the completion text with the task's gold judge."""
+    judge = gold_judge(ctx.config.data.task)
+    if judge is None:
+        raise ValueError(
+            f"{section}.reward_source is 'gold' but data.task {ctx.config.data.task!r} has no gold judge "
+            f"(tasks with one: {sorted(GOLD_JUDGES)}); set {section}.reward_source to 'reward_model'"
+        )
+
+    def gold(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        # conversational completions are [{"role": "assistant", "content": text}]
+        return judge.score([c[-1]["content"] if isinstance(c, list) else c for c in completions])
+
+    gold.__name__ = f"gold_{judge.name}"  # TRL logs rewards/<name>/mean
+    return [gold], [None]
+
+
+REWARD_SOURCES: dict[str, Callable[[StageContext, str], tuple[list, list]]] = {
+    "reward_model": _reward_model_reward,
+    "gold": _gold_reward,
+}
+
+
+def online_rewards(ctx: StageContext, section: str) -> tuple[list, list]:
+    """``reward_funcs`` and ``reward_processing_classes`` for the section's ``reward_source``."""
+    cfg: OnlineRLConfig = getattr(ctx.config, section)
+    return REWARD_SOURCES[cfg.reward_source](ctx, section)
+
+
+def online_trainer_args(cfg: OnlineRLConfig, ctx: StageContext, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for RLOOConfig/GRPOConfig: generation with plain transformers ``generate``."""
+    args = trainer_args(
+        cfg, ctx,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        use_vllm=False,
+        **extra,
+    )
+    del args["max_length"]  # not a field of these configs: prompt_dataset applies it
+    return args
+
+
+def online_metrics(trainer, train_output, prompts: int, dropped: int) -> dict[str, float]:
+    """Throughput and the last logged training figures (reward, kl, completion lengths, ...)."""
+    last = next((log for log in reversed(trainer.state.log_history) if "reward" in log), {})
+    return {
+        **throughput_metrics(train_output, int(trainer.state.num_input_tokens_seen), trainer.model),
+        "train_prompts": float(prompts),
+        "dropped_too_long": float(dropped),
+        **{f"final_{k}": float(v) for k, v in last.items() if isinstance(v, int | float) and k != "step"},
     }

@@ -44,7 +44,7 @@ def test_dvc_repro_runs_every_stage_through_the_cli(project):
     done = sh(project, sys.executable, "-m", "dvc", "repro")
     assert done.returncode == 0, done.stderr[-3000:]
     results = project / "outputs" / "results"
-    for stage in ("base", "sft", "label", "reward", "dpo", "evaluate"):
+    for stage in ("base", "sft", "label", "reward", "dpo_reference", "dpo", "evaluate"):
         assert json.loads((results / f"{stage}.json").read_text())["stage"] == stage
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     prepared = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"]

@@ -96,7 +96,13 @@ def test_cache_keys_follow_params_sections():
         assert stage_params(base, stage) == stage_params(changed, stage)
         assert stage_key(stage, base, {}) == stage_key(stage, changed, {})
     assert stage_key("dpo", base, {}) != stage_key("dpo", changed, {})
-    assert pipeline_order(base) == ["prepare", "base", "sft", "label", "reward", "dpo", "evaluate"]
+    assert stage_key("dpo_reference", base, {}) == stage_key("dpo_reference", changed, {})  # shared by a sweep
+    bf16 = load_config(REPO / "params.yaml", ["run.mixed_precision=bf16"])
+    assert stage_key("sft", base, {}) != stage_key("sft", bf16, {})  # other numerics, other output
+    assert stage_key("prepare", base, {}) == stage_key("prepare", bf16, {})
+    cut = load_config(REPO / "params.yaml", ["dpo.max_length=64"])
+    assert stage_key("dpo_reference", base, {}) != stage_key("dpo_reference", cut, {})
+    assert pipeline_order(base) == ["prepare", "base", "sft", "label", "reward", "dpo_reference", "dpo", "evaluate"]
     preference = load_config(REPO / "params/hh.yaml")
     assert "label" not in pipeline_order(preference)
     assert set(pipeline_order(base)) <= set(STAGES)

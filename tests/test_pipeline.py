@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import make_project, tiny_params
 
-ALL_STAGES = ["base", "prepare", "sft", "label", "reward", "dpo", "evaluate"]
+ALL_STAGES = ["base", "prepare", "sft", "label", "reward", "dpo_reference", "dpo", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,9 @@ def test_second_run_is_all_cache_hits(runs):
 
 def test_beta_change_reruns_only_dpo_and_evaluate(runs):
     first, _, third = runs
-    assert sorted(third["cached"]) == sorted(["base", "prepare", "sft", "label", "reward"])
+    # the SFT model's log-probs of the pairs do not depend on beta: the new DPO run reuses them
+    assert sorted(third["cached"]) == sorted(["base", "prepare", "sft", "label", "reward", "dpo_reference"])
+    assert third["outputs"]["dpo_reference"] == first["outputs"]["dpo_reference"]
     assert third["outputs"]["dpo"] != first["outputs"]["dpo"]
     assert third["outputs"]["evaluate"] != first["outputs"]["evaluate"]
 

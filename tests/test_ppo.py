@@ -261,3 +261,94 @@ def test_lora_ema_reference_swaps_ema_weights_in_and_restores_the_policy(tiny_mo
     with reference.activate():
         torch.testing.assert_close(weight.detach(), torch.full_like(weight, 0.25))
     torch.testing.assert_close(weight.detach(), torch.ones_like(weight))
+
+
+# --------------------------------------------------------------------------------------------------
+# Doing less work: the shared prompt prefix and pi_old from sampling
+# --------------------------------------------------------------------------------------------------
+def test_shared_prefix_length_leaves_every_row_a_token():
+    assert ppo.shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert ppo.shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not 3: row 0 keeps one token
+    assert ppo.shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert ppo.shared_prefix_length([[5]]) == 0
+
+
+def _lora_policy(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, weight in policy.named_parameters():
+        if "lora_B" in name:  # B starts at 0; make the adapter matter
+            torch.nn.init.normal_(weight, std=0.5)
+    return policy.eval()
+
+
+def _unshared(sequences: ppo.Sequences) -> ppo.Sequences:
+    """The same batch with the prefix written into every row (the plain left-padded layout)."""
+    prefix = sequences.prefix_ids.expand(len(sequences.query_ids), -1)
+    return sequences._replace(prefix_ids=sequences.prefix_ids[:0],
+                              query_ids=torch.cat([prefix, sequences.query_ids], dim=1),
+                              query_mask=torch.cat([prefix >= 0, sequences.query_mask], dim=1))
+
+
+def test_shared_prefix_forward_matches_the_full_rows_in_value_and_gradient(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from stages.config import GenerationConfig
+    from stages.generation import sample
+
+    policy, tokenizer = _lora_policy(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": f"Continue this movie review: {opening}"}] for opening in OPENINGS]
+    samples = sample(policy, tokenizer, prompts, 1, GenerationConfig(max_new_tokens=6, temperature=1.5), seed=0)
+    shared = ppo.to_sequences(samples, tokenizer.pad_token_id, torch.device("cpu"))
+    assert shared.prefix_ids.shape[0] >= 10  # the chat header, system prompt and instruction
+    assert shared.query_mask.sum(-1).min() >= 1
+
+    lora = next(w for n, w in policy.named_parameters() if "lora_A" in n and "layers.0." in n)
+    results = []
+    for sequences in (shared, _unshared(shared)):
+        policy.zero_grad()
+        logits = ppo.response_logits(policy, sequences)
+        logprobs = torch.where(sequences.response_mask,
+                               ppo.gather_log_probs(logits, sequences.response_ids, 1.5), 0.0)
+        logprobs.sum().backward()
+        results.append((logprobs.detach(), lora.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_log_probs_and_entropy_are_those_of_a_forward_pass(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from stages.config import GenerationConfig
+    from stages.generation import pad_rows, sample
+    from stages.losses import entropy_from_logits
+
+    policy, tokenizer = _lora_policy(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": opening}] for opening in OPENINGS]
+    samples = sample(policy, tokenizer, prompts, 2, GenerationConfig(max_new_tokens=7, temperature=0.7), seed=3,
+                     with_logprobs=True)
+    assert [len(x) for x in samples.logprobs] == [len(x) for x in samples.response_ids] == \
+        [len(x) for x in samples.entropies]
+    sequences = ppo.to_sequences(samples, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        logits = ppo.response_logits(policy, sequences)
+    mask = sequences.response_mask
+    forward_logprobs = torch.where(mask, ppo.gather_log_probs(logits, sequences.response_ids, 0.7), 0.0)
+    forward_entropy = torch.where(mask, entropy_from_logits(logits / 0.7), 0.0)
+    sampled_logprobs, _ = pad_rows(samples.logprobs, 0, torch.device("cpu"), "right", dtype=torch.float32)
+    sampled_entropy, _ = pad_rows(samples.entropies, 0, torch.device("cpu"), "right", dtype=torch.float32)
+    torch.testing.assert_close(sampled_logprobs, forward_logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sampled_entropy, forward_entropy, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_mixed_precision_trains_float32_weights(tmp_path, tiny_model_dir, inputs):
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params={"updates": 1}, run={"mixed_precision": "bf16"})
+    output = ppo.run(ctx)
+    assert output.metrics["weight_change"] > 0
+    assert math.isfinite(output.metrics["ppo/kl"]) and math.isfinite(output.metrics["ppo/score_mean"])
+    saved = load_file(ctx.out_dir / "model" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}  # autocast: the weights stay float32
