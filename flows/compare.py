@@ -27,6 +27,7 @@ from flows.pipeline import run_stages, run_task
 from stages.config import Config, ConfigError, apply_overrides, load_config, validate
 from stages.judges import gold_judge
 from stages.models import setup_runtime
+from stages.preflight import preflight
 from stages.records import read_jsonl
 from stages.report import PolicyPoint, Report, build_report
 from stages.runner import STAGES, StageResult, pipeline_order
@@ -107,6 +108,7 @@ def compare(params: str = "params.yaml", overrides: list[str] | None = None, roo
     project = Path(root).resolve()
     config = load_config(project / params, overrides or [])
     variants = check_grid(config)
+    preflight(config, project)  # an unreachable MLflow server or DVC remote stops the run before training
     setup_runtime(config.run)
     run_name = flow_run.get_name() or time.strftime("local-%Y%m%d-%H%M%S")
     sweep = config.compare.sweep
@@ -131,7 +133,7 @@ def compare(params: str = "params.yaml", overrides: list[str] | None = None, roo
 def _run(config: Config, variants: list[Variant], project: Path, tracker: Tracker, sweep: str,
          run_name: str, ran: list[str]) -> Report:
     # The shared part: data, SFT model, preference pairs, reward model, and the SFT model's scores.
-    shared = [s for s in pipeline_order(config) if s in ("base", "prepare", "sft", "label", "reward")]
+    shared = [s for s in pipeline_order(config) if s in ("base", "prepare", "prepare_sft", "sft", "label", "reward")]
     results, cached = run_stages(config, project, tracker, shared)
     ran += [stage for stage in shared if stage not in cached]
     base_inputs = {name: results[name] for name in STAGES["score"].inputs(config)}

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from stages.config import Config, load_config
 from stages.models import setup_runtime
+from stages.preflight import preflight
 from stages.runner import (
     RESULT_FILE,
     STAGES,
@@ -118,6 +119,7 @@ def alignment_pipeline(
     """
     project = Path(root).resolve()
     config = load_config(project / params, overrides or [])
+    preflight(config, project)  # an unreachable MLflow server or DVC remote stops the run before training
     setup_runtime(config.run)
     tracker = Tracker.start(config.run, project, f"pipeline-{flow_run.get_name() or 'local'}",
                             tags={"alignflow.flow": "alignment_pipeline",

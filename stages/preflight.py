@@ -1,0 +1,87 @@
+"""Checks that run before any model loads: can the run record what it trains, and version its data?
+
+An MLflow tracking server or DVC remote that cannot be reached would otherwise fail a run after the
+training it paid for (MLflow's client also retries for minutes before it gives up). Each check fails
+fast with a message that names the URL and what to do.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from stages.config import Config
+from stages.tracking import tracking_uri
+from stages.versioning import inside_dvc_repro, is_dvc_repo
+
+TIMEOUT_SECONDS = 10.0
+
+
+class PreflightError(RuntimeError):
+    """A store the run needs is not reachable; the message names it."""
+
+
+def preflight(config: Config, root: Path) -> None:
+    """Every check the config calls for (the tracking store; the DVC remote when pushing)."""
+    check_tracking(config, root)
+    if config.run.dvc and config.run.dvc_push and is_dvc_repo(root) and not inside_dvc_repro():
+        check_dvc_remote(root)
+
+
+def check_tracking(config: Config, root: Path) -> None:
+    uri = tracking_uri(config.run, root)
+    if uri.startswith(("http://", "https://")):
+        health = f"{uri.rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(health, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 (http only)
+                if response.status != 200:
+                    raise PreflightError(f"MLflow tracking server {uri} answered {response.status} at {health}")
+        except (urllib.error.URLError, OSError) as error:
+            raise PreflightError(
+                f"MLflow tracking server {uri} cannot be reached ({error}); start it (e.g. `make serve`) or "
+                "point run.tracking_uri at a running one. Nothing was trained."
+            ) from error
+    elif uri.startswith("sqlite:///"):
+        directory = Path(uri.removeprefix("sqlite:///")).parent
+        if not os.access(directory if directory.exists() else directory.parent, os.W_OK):
+            raise PreflightError(f"MLflow store {uri}: cannot write to {directory}")
+
+
+def check_dvc_remote(root: Path) -> None:
+    """The default DVC remote answers (a listing of its root) within the timeout."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            raise PreflightError(f"{root}: DVC has no default remote to push to; add one "
+                                 "(`dvc remote add -d NAME URL`) or set run.dvc_push: false")
+        url = repo.config["remote"][name]["url"]
+        remote = repo.cloud.get_remote(name)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(_reachable, remote.fs, remote.path)
+            try:
+                problem = future.result(timeout=TIMEOUT_SECONDS)
+            except concurrent.futures.TimeoutError:
+                problem = f"no answer within {TIMEOUT_SECONDS:.0f} s"
+    if problem:
+        raise PreflightError(f"DVC remote {name!r} ({url}) cannot be reached: {problem}. Fix the remote or set "
+                             "run.dvc_push: false. Nothing was trained.")
+
+
+def _reachable(fs, path: str) -> str | None:
+    """None when ``path`` exists (or, on a local disk, can be created); else why not."""
+    try:
+        if fs.exists(path):
+            return None if fs.isdir(path) else "it is a file, not a directory"
+        if fs.protocol in ("local", "file") or "local" in getattr(fs, "protocol", ()):
+            parent = Path(path).parent
+            while not parent.exists():
+                parent = parent.parent
+            return None if parent.is_dir() and os.access(parent, os.W_OK) else f"cannot create {path}"
+        return None  # object stores: an absent prefix is created by the first push
+    except Exception as error:  # noqa: BLE001 (any client error means "not reachable"; its text is the reason)
+        return f"{type(error).__name__}: {error}"
