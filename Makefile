@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run serve test lint bench bench-ppo hh clean
+.PHONY: install run serve test lint bench bench-ppo bench-sweep hh retrain clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/ppo_bench.py
+	$(BIN)/python bench/sweep_bench.py
 
 bench-ppo: $(STAMP)
 	$(BIN)/python bench/ppo_bench.py
+
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep_bench.py
 
 # the real-data profile: HH-RLHF harmless sample, copied into DVC-tracked data/raw
 hh: $(STAMP)
@@ -44,6 +48,14 @@ hh: $(STAMP)
 	test -f data/raw/hh-rlhf-harmless-sample.jsonl || cp ../shared/data/hh-rlhf-harmless-sample.jsonl data/raw/
 	$(BIN)/dvc add -q data/raw/hh-rlhf-harmless-sample.jsonl
 	$(BIN)/alignflow run --params params/hh.yaml
+
+# retrain on the preference files waiting in data/incoming (alignflow ingest FILE...), behind the promotion
+# gate; SFT trains on the DVC-tracked HH sample (data.sft_source), once
+retrain: $(STAMP)
+	mkdir -p data/raw
+	test -f data/raw/hh-rlhf-harmless-sample.jsonl || cp ../shared/data/hh-rlhf-harmless-sample.jsonl data/raw/
+	$(BIN)/dvc add -q data/raw/hh-rlhf-harmless-sample.jsonl
+	$(BIN)/alignflow retrain --params params/retrain.yaml
 
 clean:
 	rm -rf outputs mlflow.db mlartifacts

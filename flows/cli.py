@@ -1,7 +1,9 @@
 """``alignflow``: the command line. ``run`` runs the pipeline flow; ``compare`` the compare flow (the
 grid of methods in ``params.compare``, one report); ``serve`` starts the Prefect and MLflow UIs and serves
 the flows as deployments; ``stage NAME`` runs one stage alone on the outputs of the stages before it (this
-is what ``dvc.yaml``'s stages call)."""
+is what ``dvc.yaml``'s stages call). ``retrain`` ingests new preference files and retrains behind the
+promotion gate; ``ingest FILE...`` drops files for it; ``promote VERSION`` and ``rollback`` move the
+champion by hand."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from pathlib import Path
 from stages.config import ConfigError, load_config
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+def _common(parser: argparse.ArgumentParser, params: str = "params.yaml") -> None:
+    parser.add_argument("--params", default=params, help=f"params file (default: {params})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one value, validated like the file (repeatable)")
     parser.add_argument("--root", default=".", help="project root holding data/ and dvc.yaml (default: .)")
@@ -53,6 +55,56 @@ def _serve(args: argparse.Namespace) -> int:
     except ServeError as error:
         print(f"alignflow serve: {error}", file=sys.stderr)
         return 1
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+
+    root = Path(args.root).resolve()
+    load_config(root / args.params, args.overrides)  # fail on bad params before Prefect starts
+    summary = retrain(params=args.params, overrides=args.overrides, root=str(root))
+    print(json.dumps({key: summary.get(key) for key in ("status", "champion", "cached", "decisions")}
+                     | {"ingest": {key: summary["ingest"][key] for key in ("rows_in", "kept", "refused", "duplicates",
+                                                                          "new", "dataset_rows", "dataset_md5")}},
+                     indent=2, default=str))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from flows.retrain import announce_arrivals
+    from stages.ingest import IngestError, drop_files
+
+    root = Path(args.root).resolve()
+    config = load_config(root / args.params, args.overrides)
+    try:
+        names = drop_files(args.files, config, root)
+    except IngestError as error:
+        print(f"alignflow ingest: {error}", file=sys.stderr)
+        return 1
+    for name in names:
+        print(f"{name} -> {config.retrain.incoming}/{name}")
+    sent = announce_arrivals(names, config.retrain.incoming)
+    print(f"event alignflow.preferences.arrived sent for {len(names)} files" if sent else
+          "no Prefect server configured (PREFECT_API_URL): no event sent; the files wait for the next retrain")
+    return 0
+
+
+def _promotion(args: argparse.Namespace) -> int:
+    from stages import promotion
+
+    root = Path(args.root).resolve()
+    config = load_config(root / args.params, args.overrides)
+    try:
+        if args.command == "promote":
+            decision, run_id = promotion.promote(config, root, args.version, args.reason)
+        else:
+            decision, run_id = promotion.rollback(config, root, args.reason)
+    except promotion.PromotionError as error:
+        print(f"alignflow {args.command}: {error}", file=sys.stderr)
+        return 1
+    print(decision.markdown())
+    print(f"recorded as MLflow run {run_id} in experiment {config.run.experiment!r}")
+    return 0
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -99,7 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a params file (and overrides) and exit")
     _common(validate)
     validate.set_defaults(handler=_validate)
+    _retrain_commands(commands)
     return parser
+
+
+def _retrain_commands(commands) -> None:
+    """retrain, ingest, promote, rollback: their params default to the retrain profile."""
+    retrain_params = "params/retrain.yaml"
+    retrain = commands.add_parser("retrain", help="run the retrain flow: ingest new preference files, retrain, "
+                                                  "and gate the new policy (champion/challenger)")
+    _common(retrain, retrain_params)
+    retrain.set_defaults(handler=_retrain)
+    ingest = commands.add_parser("ingest", help="copy preference files into retrain.incoming and emit the "
+                                                "alignflow.preferences.arrived event")
+    ingest.add_argument("files", nargs="+", metavar="FILE", help="preference files (.jsonl/.json/.parquet/.csv)")
+    _common(ingest, retrain_params)
+    ingest.set_defaults(handler=_ingest)
+    promote = commands.add_parser("promote", help="make a registered policy version the champion by hand")
+    promote.add_argument("version", help="version of run.registered_model")
+    promote.add_argument("--reason", help="why (recorded with the decision)")
+    _common(promote, retrain_params)
+    promote.set_defaults(handler=_promotion)
+    rollback = commands.add_parser("rollback", help="champion back to the previous champion")
+    rollback.add_argument("--reason", help="why (recorded with the decision)")
+    _common(rollback, retrain_params)
+    rollback.set_defaults(handler=_promotion)
 
 
 def main(argv: list[str] | None = None) -> int:

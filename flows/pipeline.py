@@ -55,7 +55,7 @@ def stage_task(
 def run_task(stage: str, config: Config, inputs: dict[str, StageResult], root: Path, tracker: Tracker, *,
              tags: dict[str, str] | None = None, name: str | None = None) -> tuple[StageResult, bool]:
     """Run one stage as a cached Prefect task; return its result and whether it was a cache hit."""
-    key = stage_key(stage, config, inputs)
+    key = stage_key(stage, config, inputs, root)
     missing = not (output_dir(stage, key, config, root) / RESULT_FILE).is_file()
     configured = stage_task.with_options(
         task_run_name=name or stage,

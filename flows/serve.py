@@ -21,6 +21,7 @@ SIGKILL after ``serve.stop_timeout``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,7 @@ class Service:
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
         try:
             probe.bind((host, port))
         except OSError:
@@ -167,6 +170,15 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _log_to_stderr() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s alignflow serve: %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Prefect gives the root logger a handler of its own: one line, not two
+
+
 def _raise_exit(signum: int, _frame: Any) -> None:
     # SIGTERM/SIGHUP end `alignflow serve` as Ctrl-C does: through the `finally` that stops the servers.
     raise SystemExit(128 + signum)
@@ -193,7 +205,11 @@ def prefect_service(config: Config, root: Path, environ: dict[str, str]) -> Serv
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = (environ.get(serve.prefect_database_env)
                                                   or f"sqlite+aiosqlite:///{(log_dir / 'prefect.db').resolve()}")
+    # The UI reads the API's address from these, not from `--port`: without them it would call :4200.
+    env["PREFECT_SERVER_API_HOST"] = serve.host
+    env["PREFECT_SERVER_API_PORT"] = str(serve.prefect_port)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no calls home
+    env.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
     url = _url(serve.host, serve.prefect_port)
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", serve.host,
                "--port", str(serve.prefect_port)]
@@ -242,7 +258,14 @@ def retrain_cron(config: Config) -> str | None:
     return getattr(getattr(config, "retrain", None), "cron", None) or None
 
 
-def _retrain_flow():
+def retrain_params(retrain_flow: Any, root: Path, params: str) -> str:
+    """The params file the retrain deployment runs with: the retrain flow's own default (the retrain profile,
+    ``params/retrain.yaml``) where the project has it, else the served params file."""
+    own = inspect.signature(retrain_flow.fn).parameters["params"].default
+    return own if isinstance(own, str) and (root / own).is_file() else params
+
+
+def _retrain_flow() -> Any:
     try:
         from flows.retrain import retrain
     except ModuleNotFoundError as error:
@@ -255,27 +278,34 @@ def _retrain_flow():
 def deployments(config: Config, root: Path, params: str = "params.yaml",
                 overrides: list[str] | None = None) -> list[Any]:
     """The served deployments. Their default parameters are this project's: a run started from the UI with
-    the defaults is ``alignflow run --params PARAMS --set ...`` in ``root``."""
+    the defaults is ``alignflow run --params PARAMS --set ...`` (``compare``, ``retrain`` alike) in ``root``.
+
+    ``retrain`` runs on its own profile (see ``retrain_params``), on the cron ``retrain.cron`` of that
+    profile, and on every ``alignflow.preferences.arrived`` event (``alignflow ingest`` sends one per file;
+    runs started together queue on the dataset lock, and the later ones find nothing new)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.events import DeploymentEventTrigger
 
     from flows.compare import compare
     from flows.pipeline import alignment_pipeline
 
-    defaults = {"params": params, "overrides": list(overrides or []), "root": str(root)}
-    common = {"parameters": defaults, "tags": DEPLOYMENT_TAGS, "entrypoint_type": EntrypointType.MODULE_PATH}
+    overrides = list(overrides or [])
+    common = {"tags": DEPLOYMENT_TAGS, "entrypoint_type": EntrypointType.MODULE_PATH}
+    defaults = {"params": params, "overrides": overrides, "root": str(root)}
     served = [
-        alignment_pipeline.to_deployment("alignment-pipeline", **common),
-        compare.to_deployment("compare", **common),
+        alignment_pipeline.to_deployment("alignment-pipeline", parameters=defaults, **common),
+        compare.to_deployment("compare", parameters=defaults, **common),
     ]
     retrain = _retrain_flow()
     if retrain is None:
         logger.warning("flows/retrain.py not found: the retrain deployment is not served")
         return served
-    cron = retrain_cron(config)
+    own_params = retrain_params(retrain, root, params)
+    cron = retrain_cron(config if own_params == params else load_config(root / own_params, overrides))
     trigger = DeploymentEventTrigger(name=f"retrain on {PREFERENCES_ARRIVED}", expect={PREFERENCES_ARRIVED},
-                                     parameters=defaults)
-    served.append(retrain.to_deployment("retrain", cron=cron, triggers=[trigger], **common))
+                                     match={"prefect.resource.id": "alignflow.incoming.*"})
+    served.append(retrain.to_deployment("retrain", cron=cron, triggers=[trigger],
+                                        parameters=defaults | {"params": own_params}, **common))
     return served
 
 
@@ -286,7 +316,7 @@ def serve(params: str = "params.yaml", overrides: list[str] | None = None, root:
     """Start the servers, serve the deployments until Ctrl-C/SIGTERM, then stop everything started here.
 
     ``overrides`` other than ``serve.*`` become the deployments' default ``overrides``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _log_to_stderr()
     project = Path(root).resolve()
     overrides = list(overrides or [])
     config = load_config(project / params, overrides)
@@ -310,6 +340,9 @@ def serve(params: str = "params.yaml", overrides: list[str] | None = None, root:
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C must not cut this short and orphan the servers; it takes stop_timeout at most.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("stopping (up to %.0f s per server)", config.serve.stop_timeout)
         # Flow runs in progress first (they talk to the servers), then the servers.
         servers = {p.pid for s in services if s.process for p in _tree(s.process.pid)}
         others = [p for p in psutil.Process().children(recursive=True) if p.pid not in servers]
@@ -324,6 +357,9 @@ def _serve_deployments(config: Config, project: Path, params: str, overrides: li
     import prefect
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # Prefect's runner answers SIGTERM with `self.stop()` un-awaited inside its event loop; the shutdown works
+    # (SystemExit reaches our `finally`), only the warning about it is noise.
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
     api_url = services[0].ui_url + "/api"
     os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes the runner starts
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -331,15 +367,16 @@ def _serve_deployments(config: Config, project: Path, params: str, overrides: li
         served = deployments(config, project, params, overrides)
         lines = [f"Prefect UI  {services[0].ui_url}  (Deployments > alignment-pipeline > Run)"]
         lines += [f"MLflow UI   {s.ui_url}" for s in services[1:]]
-        lines += [f"gpu tag concurrency limit: {config.serve.gpu_slots} slot(s)", _retrain_line(config, served),
+        lines += [f"gpu tag concurrency limit: {config.serve.gpu_slots} slot(s)", _retrain_line(served),
                   "Ctrl-C stops everything."]
         logger.info("\n  " + "\n  ".join(lines))
         prefect.serve(*served, pause_on_shutdown=True)
 
 
-def _retrain_line(config: Config, served: list[Any]) -> str:
-    if not any(deployment.name == "retrain" for deployment in served):
+def _retrain_line(served: list[Any]) -> str:
+    retrain = next((deployment for deployment in served if deployment.name == "retrain"), None)
+    if retrain is None:
         return "retrain: not served (no flows/retrain.py)"
-    cron = retrain_cron(config)
-    schedule = f"on cron {cron!r} (UTC)" if cron else "on no schedule (retrain.cron is empty)"
-    return f"retrain: {schedule} and on each {PREFERENCES_ARRIVED} event"
+    crons = [schedule.schedule.cron for schedule in retrain.schedules]
+    schedule = f"on cron {crons[0]!r} (UTC)" if crons else "on no schedule (retrain.cron is empty)"
+    return f"retrain ({retrain.parameters['params']}): {schedule} and on each {PREFERENCES_ARRIVED} event"

@@ -76,6 +76,9 @@ class DataConfig(Section):
     prepared_dir: str = "data/prepared"
     quarantine_dir: str = "data/quarantine"
     prompt_template: str = "Continue this movie review in one or two sentences: {text}"
+    # SFT's own source, prepared by the prepare_sft stage: SFT then does not depend on data.source, so new
+    # preference data (alignflow retrain) leaves the SFT model cached. None: SFT uses data.source.
+    sft_source: str | None = None
 
 
 class GenerationConfig(Section):
@@ -134,6 +137,7 @@ class DPOConfig(TrainConfig):
     ] = "sigmoid"
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     learning_rate: float = Field(default=2e-4, gt=0.0)
+    shared_reference: bool = True
 
 
 class PPOConfig(Section):
@@ -291,6 +295,27 @@ class ServeConfig(Section):
         return data
 
 
+class RetrainConfig(Section):
+    """``alignflow retrain``: ingest new preference files, retrain, and gate the new policy (champion/challenger)."""
+
+    incoming: str = "data/incoming"  # a directory under the project root or any fsspec URL
+    dataset: str = "data/preferences/preferences.jsonl"
+    git_commit: bool = False
+    gate_metric: Literal["win_rate_vs_champion", "judge_score_mean"] = "win_rate_vs_champion"
+    gate_margin: float = Field(default=0.02, ge=0.0)
+    cron: str = "0 3 * * *"
+
+    @model_validator(mode="after")
+    def _checked(self) -> RetrainConfig:
+        if "://" in self.dataset or Path(self.dataset).is_absolute() or ".." in Path(self.dataset).parts:
+            raise ValueError(f"retrain.dataset must be a path inside the project (DVC tracks it), got {self.dataset!r}")
+        if self.gate_metric == "win_rate_vs_champion" and self.gate_margin >= 0.5:
+            raise ValueError(f"retrain.gate_margin must be below 0.5 for a win rate, got {self.gate_margin}")
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"retrain.cron must be a 5-field cron expression such as '0 3 * * *', got {self.cron!r}")
+        return self
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -305,6 +330,7 @@ class Config(Section):
     rloo: OnlineRLConfig = OnlineRLConfig()
     grpo: OnlineRLConfig = OnlineRLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     compare: CompareConfig = CompareConfig()
     serve: ServeConfig = ServeConfig()
 
@@ -313,6 +339,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # The params sections each stage's cache key covers (besides its inputs' content keys).
     "base": ("model",),
     "prepare": ("data",),
+    # data.sft_source, prepared as data.source is but in any row format and without max_rows
+    "prepare_sft": ("data.sft_source", "data.split", "data.eval_fraction", "data.quarantine_dir"),
     "sft": ("model", "sft"),
     "label": ("label", "data"),
     "reward": ("model", "reward"),

@@ -1,9 +1,11 @@
 """The ``dpo`` stage: Direct Preference Optimisation from the SFT policy, with TRL's DPOTrainer.
 
-The reference policy is the SFT model, and its log-probs of the pairs come precomputed from the
-``dpo_reference`` stage (shared by every DPO run on the same SFT model and pairs), so training runs
-no reference forward pass and holds no reference model: TRL's ``precompute_ref_log_probs`` path, fed
-the stored columns instead of computing them again. The trained adapter is merged into a full policy,
+The reference policy is the SFT model. With ``dpo.shared_reference`` (the default) its log-probs of
+the pairs come precomputed from the ``dpo_reference`` stage (shared by every DPO run on the same SFT
+model and pairs), so training runs no reference forward pass and holds no reference model: TRL's
+``precompute_ref_log_probs`` path, fed the stored columns instead of computing them again. Without
+it, TRL runs the reference in every step (the SFT weights with the LoRA adapter disabled, or a frozen
+copy without LoRA). The trained adapter is merged into a full policy,
 saved, logged to MLflow and registered.
 """
 
@@ -31,7 +33,7 @@ def _shared_reference_trainer(reference_dir):
 
 
 def run(ctx: StageContext) -> StageOutput:
-    from trl import DPOConfig
+    from trl import DPOConfig, DPOTrainer
 
     cfg = ctx.config.dpo
     pairs = ctx.inputs["label"] if "label" in ctx.inputs else ctx.inputs["prepare"]
@@ -41,6 +43,12 @@ def run(ctx: StageContext) -> StageOutput:
     tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="right")
     model = load_causal_lm(sft_dir, ctx.config.model, ctx.device)
     lora = peft_config(ctx.config.model.lora, "CAUSAL_LM")
+    shared = "dpo_reference" in ctx.inputs  # dpo.shared_reference: the log-probs come precomputed
+    if shared:
+        trainer_class, reference = _shared_reference_trainer(ctx.inputs["dpo_reference"].path), None
+    else:  # a reference forward pass in every step: the adapter disabled (LoRA) or a frozen copy
+        trainer_class = DPOTrainer
+        reference = None if lora else load_causal_lm(sft_dir, ctx.config.model, ctx.device)
 
     # Training
     args = DPOConfig(**trainer_args(
@@ -50,10 +58,11 @@ def run(ctx: StageContext) -> StageOutput:
         label_smoothing=cfg.label_smoothing,
         eval_strategy="steps",
         eval_steps=max(cfg.logging_steps * 4, 1),
-        precompute_ref_log_probs=True,
+        precompute_ref_log_probs=shared,
     ))
-    trainer = _shared_reference_trainer(ctx.inputs["dpo_reference"].path)(
+    trainer = trainer_class(
         model=model,
+        ref_model=reference,
         args=args,
         train_dataset=pair_dataset(pairs.path / "train.jsonl"),
         eval_dataset=pair_dataset(pairs.path / "eval.jsonl"),

@@ -162,9 +162,9 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) ->
     # Normalise, refuse, de-duplicate
     outcome = _normalise_rows(source.rows, formats, config.max_rows)
     quarantine_file = root / config.quarantine_dir / f"{out_dir.name}.jsonl"
-    quarantine_path = _write_quarantine(outcome.quarantine, quarantine_file)
+    quarantine_path = write_quarantine(outcome.quarantine, quarantine_file)
     if not outcome.kept:
-        raise DataError(_all_refused_message(config.source, outcome.quarantine, quarantine_path))
+        raise DataError(all_refused_message(config.source, outcome.quarantine, quarantine_path))
 
     # Split
     train, evaluation = _split(outcome.kept, seed, config.eval_fraction)
@@ -180,7 +180,7 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) ->
     _write_jsonl(out_dir / "train.jsonl", train)
     _write_jsonl(out_dir / "eval.jsonl", evaluation)
     summary = PrepareSummary(
-        kind=_kind_of(outcome.kept[0]),
+        kind=kind_of(outcome.kept[0]),
         rows_in=len(outcome.kept) + len(outcome.quarantine),
         kept=len(outcome.kept),
         refused=len(outcome.quarantine),
@@ -310,6 +310,12 @@ def _dataset_rows(dataset: Iterable[dict[str, Any]], name: str) -> list[_RawRow]
 # Files
 # --------------------------------------------------------------------------------------------------
 def _read_file(path: Path, name: str) -> list[_RawRow]:
+    return read_bytes(path.read_bytes(), path.name, name)
+
+
+def read_bytes(data: bytes, filename: str, name: str) -> list[_RawRow]:
+    """The rows of one file's bytes; ``filename``'s extension picks the reader, ``name`` is shown in errors."""
+    path = Path(filename)
     compressed = path.suffix.lower() == ".gz"
     extension = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
     reader = FILE_READERS.get(extension)
@@ -318,7 +324,7 @@ def _read_file(path: Path, name: str) -> list[_RawRow]:
             f"{name}: unknown extension {extension or '(none)'!r}; use one of "
             f"{', '.join(FILE_READERS)} (optionally .gz), a directory of them, or a hub id"
         )
-    data = _gunzip(path.read_bytes(), name) if compressed else path.read_bytes()
+    data = _gunzip(data, name) if compressed else data
     if not data.strip():
         raise DataError(f"{name}: file is empty; add rows or point data.source at another file")
     rows = reader(data, name)
@@ -744,6 +750,24 @@ def _normalise_rows(rows: list[_RawRow], formats: list[str | _Refusal], max_rows
     return outcome
 
 
+def check_rows(
+    rows: list[_RawRow], fmt: str, source_name: str, kind: str | None = None
+) -> Iterator[tuple[_RawRow, Record | None, Record | None]]:
+    """Each row checked as prepare checks it, in order: ``(row, normalised record, None)`` or
+    ``(row, None, quarantine record)``. No de-duplication; ``kind`` (e.g. "preference") refuses rows of
+    another kind. Raises ``DataError`` when no row of a file matches a known format."""
+    formats = _resolve_formats(_Source([source_name], rows), fmt, source_name)
+    for row, row_format in zip(rows, formats, strict=True):
+        try:
+            record = _normalise_row(row, row_format)
+            if kind is not None and kind_of(record) != kind:
+                raise _Refusal(ROW_FIELD, f"row is {kind_of(record)}, expected {kind}")
+        except _Refusal as refusal:
+            yield row, None, _quarantine_record(row, refusal)
+            continue
+        yield row, record, None
+
+
 def _normalise_row(row: _RawRow, fmt: str | _Refusal) -> Record:
     if row.error is not None:
         raise _Refusal(ROW_FIELD, row.error)
@@ -760,7 +784,7 @@ def _row_id(content: Record) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def _kind_of(record: Record) -> str:
+def kind_of(record: Record) -> str:
     if "chosen" in record:
         return "preference"
     return "sft" if "completion" in record else "prompt_only"
@@ -776,7 +800,7 @@ def _quarantine_record(row: _RawRow, refusal: _Refusal) -> Record:
     }
 
 
-def _all_refused_message(source: str, quarantine: list[Record], path: Path | None) -> str:
+def all_refused_message(source: str, quarantine: list[Record], path: Path | None) -> str:
     reasons = Counter(f"{record['field']}: {record['reason']}" for record in quarantine)
     common = "; ".join(f"{count}x {reason}" for reason, count in reasons.most_common(3))
     return (
@@ -801,7 +825,7 @@ def _split(rows: list[Record], seed: int, eval_fraction: float) -> tuple[list[Re
     return train, evaluation
 
 
-def _write_quarantine(records: list[Record], path: Path) -> Path | None:
+def write_quarantine(records: list[Record], path: Path) -> Path | None:
     if not records:
         path.unlink(missing_ok=True)  # a stale file from an earlier run would mislead
         return None

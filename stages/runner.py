@@ -94,6 +94,8 @@ class StageSpec:
     inputs: Callable[[Config], tuple[str, ...]]
     trains: bool = False  # uses the model (GPU when there is one): tagged `gpu` in the flows
     code: tuple[str, ...] = ()  # other stage modules it imports, part of its code version
+    # data sources it reads besides its inputs (paths under the root, hub ids); local ones join its cache key
+    sources: Callable[[Config], tuple[str | None, ...]] = lambda c: ()
 
     def function(self) -> Callable[[StageContext], StageOutput]:
         return importlib.import_module(f"stages.{self.module}").run
@@ -104,19 +106,29 @@ def _pairs_source(config: Config) -> str:
     return "label" if config.data.task == "sentiment" else "prepare"
 
 
+def _sft_data(config: Config) -> str:
+    """SFT's data: its own source (``data.sft_source``, stable across preference drops) or the prepared data."""
+    return "prepare_sft" if config.data.sft_source else "prepare"
+
+
+def _dpo_reference(config: Config) -> tuple[str, ...]:
+    return ("dpo_reference",) if config.dpo.shared_reference else ()
+
+
 def _policies(config: Config) -> tuple[str, ...]:
     return {"dpo": ("dpo",), "ppo": ("ppo",), "both": ("dpo", "ppo")}[config.run.method]
 
 
 STAGES: dict[str, StageSpec] = {
     "base": StageSpec("base", lambda c: ()),
-    "prepare": StageSpec("prepare", lambda c: ()),
-    "sft": StageSpec("sft", lambda c: ("base", "prepare"), trains=True),
+    "prepare": StageSpec("prepare", lambda c: (), sources=lambda c: (c.data.source,)),
+    "prepare_sft": StageSpec("prepare_sft", lambda c: (), code=("prepare.py",), sources=lambda c: (c.data.sft_source,)),
+    "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), trains=True),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
     "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True),
     "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True,
                                code=("reward.py",)),
-    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), "dpo_reference"), trains=True,
+    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), trains=True,
                      code=("reward.py", "dpo_reference.py")),
     "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True),
     "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), trains=True, code=("reward.py",)),
@@ -158,7 +170,26 @@ def code_version(stage: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_key(stage: str, config: Config, inputs: dict[str, StageResult]) -> str:
+def source_fingerprint(source: str | None, root: Path) -> str | None:
+    """Identity of a local file or directory source: each file's name, size and modification time, so that
+    edited or appended data (``alignflow retrain``) re-runs the stage that reads it. None for builtin
+    sources and hub ids. A mere touch re-runs the stage too; its content key then keeps the stages after
+    it cached."""
+    if not source or source.startswith("builtin:"):
+        return None
+    path = (root / Path(source).expanduser()).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def stage_key(stage: str, config: Config, inputs: dict[str, StageResult], root: Path | None = None) -> str:
+    """The cache key; with ``root``, the local data sources the stage reads (``StageSpec.sources``) join it."""
     payload = {
         "stage": stage,
         "code": code_version(stage),
@@ -168,6 +199,9 @@ def stage_key(stage: str, config: Config, inputs: dict[str, StageResult]) -> str
         "precision": config.run.mixed_precision if STAGES[stage].trains else None,
         "inputs": {name: inputs[name].content_key for name in sorted(inputs)},
     }
+    sources = [source_fingerprint(source, root) for source in STAGES[stage].sources(config)] if root else []
+    if any(sources):
+        payload["sources"] = sources
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -224,7 +258,7 @@ def run_stage(
     """
     from stages.models import resolve_device
 
-    key = stage_key(stage, config, inputs)
+    key = stage_key(stage, config, inputs, root)
     final_dir = output_dir(stage, key, config, root)
     if (final_dir / RESULT_FILE).is_file():
         result = StageResult.load(final_dir)
@@ -287,7 +321,7 @@ def resolve_inputs(stage: str, config: Config, root: Path) -> dict[str, StageRes
     results: dict[str, StageResult] = {}
     for name in STAGES[stage].inputs(config):
         upstream = resolve_inputs(name, config, root)
-        location = output_dir(name, stage_key(name, config, upstream), config, root)
+        location = output_dir(name, stage_key(name, config, upstream, root), config, root)
         if not (location / RESULT_FILE).is_file():
             raise FileNotFoundError(
                 f"stage {stage!r} needs the output of {name!r} for these params, which is not at "

@@ -7,6 +7,10 @@ Data (``sft.source``):
 - ``dataset``: an SFT dataset (``prompt``/``completion`` or ``messages``) named by ``sft.dataset``.
 With LoRA the adapter is merged after training, so the output is a full model that later stages
 load as their starting point and reference.
+
+The prompts and pairs come from ``data.source`` (stage ``prepare``), or from ``data.sft_source``
+(stage ``prepare_sft``) when that is set: SFT's cache key then does not change when new preference
+data arrives, and ``alignflow retrain`` trains SFT once.
 """
 
 from __future__ import annotations
@@ -22,9 +26,15 @@ from stages.training import snapshot_trainable, throughput_metrics, trainer_args
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
+def _prepared_train(ctx: StageContext) -> list[dict]:
+    """The prepared training rows SFT reads: data.sft_source's (stage prepare_sft) when set, else data.source's."""
+    prepared = ctx.inputs["prepare_sft"] if "prepare_sft" in ctx.inputs else ctx.inputs["prepare"]
+    return read_jsonl(prepared.path / "train.jsonl")
+
+
 def _self_samples(ctx: StageContext, model, tokenizer) -> list[dict]:
     sft = ctx.config.sft
-    prompts = [row["prompt"] for row in read_jsonl(ctx.inputs["prepare"].path / "train.jsonl")]
+    prompts = [row["prompt"] for row in _prepared_train(ctx)]
     prompts = prompts[: sft.max_prompts]
     samples = sample(model, tokenizer, prompts, sft.samples_per_prompt, sft.generation,
                      seed=ctx.config.run.seed, desc="sft: sampling base completions")
@@ -37,9 +47,10 @@ def _self_samples(ctx: StageContext, model, tokenizer) -> list[dict]:
 
 
 def _chosen(ctx: StageContext, _model, _tokenizer) -> list[dict]:
-    rows = read_jsonl(ctx.inputs["prepare"].path / "train.jsonl")
+    rows = _prepared_train(ctx)
     if rows and "chosen" not in rows[0]:
-        raise ValueError("sft.source 'chosen' needs preference data; data.source holds prompts only")
+        source = "data.sft_source" if "prepare_sft" in ctx.inputs else "data.source"
+        raise ValueError(f"sft.source 'chosen' needs preference data; {source} holds {_kind(rows[0])} rows")
     return [{"prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
 
 
@@ -51,6 +62,10 @@ def _dataset(ctx: StageContext, _model, _tokenizer) -> list[dict]:
     if summary.kind != "sft":
         raise ValueError(f"sft.dataset {ctx.config.sft.dataset!r} holds {summary.kind} rows, not SFT rows")
     return read_jsonl(ctx.out_dir / "sft_data" / "train.jsonl")
+
+
+def _kind(row: dict) -> str:
+    return "SFT" if "completion" in row else "prompt-only"
 
 
 SOURCES = {"self_samples": _self_samples, "chosen": _chosen, "dataset": _dataset}

@@ -4,6 +4,10 @@ The ``prepare`` stage of ``dvc.yaml`` declares ``data/prepared`` as its output, 
 versions it by itself. When the Prefect flow (or ``alignflow stage prepare`` outside DVC) writes the
 same directory, ``dvc commit`` records it the same way: one mechanism, one ``dvc.lock`` entry, whose
 md5 is the dataset version logged to MLflow.
+
+A single file outside ``dvc.yaml`` (the preference dataset that ``alignflow retrain`` appends to) is
+versioned with ``dvc add``: its ``.dvc`` pointer holds the md5, and ``git_commit`` can record the
+pointer in git.
 """
 
 from __future__ import annotations
@@ -66,3 +70,44 @@ def commit_stage(root: Path, stage: str, out_path: str, *, push: bool) -> str:
     if md5 is None:
         raise VersioningError(f"dvc.lock in {root} has no entry for {out_path} of stage {stage!r}")
     return md5
+
+
+# --------------------------------------------------------------------------------------------------
+# Single files outside dvc.yaml (the retrain preference dataset): a `.dvc` pointer beside the file
+# --------------------------------------------------------------------------------------------------
+def pointer_path(path: str) -> str:
+    """The ``.dvc`` pointer that ``dvc add PATH`` writes."""
+    return f"{path}.dvc"
+
+
+def pointer_md5(root: Path, path: str) -> str | None:
+    """The md5 that ``PATH.dvc`` records (None when the file is not DVC-tracked)."""
+    pointer = root / pointer_path(path)
+    if not pointer.is_file():
+        return None
+    outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs", [])
+    return outs[0].get("md5") if outs else None
+
+
+def add_file(root: Path, path: str, *, push: bool) -> str:
+    """``dvc add PATH`` (a new version in the DVC cache and its ``.dvc`` pointer), then ``dvc push`` it
+    to the default remote when ``push``; return the md5 that the pointer records."""
+    if not is_dvc_repo(root):
+        raise VersioningError(
+            f"{root} is not a DVC repository (no .dvc/): run `dvc init` there, or set run.dvc: false"
+        )
+    dvc(root, "add", "--quiet", path)
+    if push:
+        dvc(root, "push", "--quiet", pointer_path(path))
+    md5 = pointer_md5(root, path)
+    if md5 is None:
+        raise VersioningError(f"`dvc add {path}` in {root} wrote no md5 to {pointer_path(path)}")
+    return md5
+
+
+def git_commit(root: Path, paths: list[str], message: str) -> None:
+    """``git add`` then ``git commit`` of ``paths`` only (whatever else is staged stays staged)."""
+    for command in (["git", "add", "--", *paths], ["git", "commit", "--quiet", "-m", message, "--", *paths]):
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise VersioningError(f"`{' '.join(command)}` failed in {root}:\n{done.stderr or done.stdout}")
