@@ -40,8 +40,8 @@ def main() -> None:
         return validate({
             "run": {"output_dir": str(scratch / "outputs"), "dvc": False, "mixed_precision": args.mixed_precision},
             "data": {"prepared_dir": str(scratch / "prepared"), "quarantine_dir": str(scratch / "quarantine")},
-            "sft": {"max_prompts": 60},
-            "label": {"max_prompts": 120},
+            "sft": {"max_prompts": 32},
+            "label": {"max_prompts": 64},
             "dpo": dpo,
         })
 

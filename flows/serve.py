@@ -47,6 +47,8 @@ logger = logging.getLogger("alignflow.serve")
 PREFERENCES_ARRIVED = "alignflow.preferences.arrived"
 GPU_TAG = "gpu"
 DEPLOYMENT_TAGS = ["alignflow"]
+# Health checks go straight to our own servers, whatever HTTP(S)_PROXY says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # Tracking URIs that already name a server: the flows log there, nothing for us to start.
 REMOTE_TRACKING = ("http://", "https://", "databricks")
 
@@ -83,7 +85,7 @@ class Service:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.health_url, timeout=2) as response:
+            with _DIRECT.open(self.health_url, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False

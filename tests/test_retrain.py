@@ -32,7 +32,16 @@ BAD_ROWS = [
 
 
 def hh_lines(start: int, stop: int) -> list[str]:
-    return HH_SAMPLE.read_text(encoding="utf-8").splitlines()[start:stop]
+    """Rows ``start:stop`` of the HH sample's short dialogues (the tiny model trains fast on short pairs)."""
+    from stages.prepare import check_rows, read_bytes
+
+    lines = HH_SAMPLE.read_text(encoding="utf-8").splitlines()
+    rows = read_bytes(HH_SAMPLE.read_bytes(), HH_SAMPLE.name, "hh")
+    short: dict[str, str] = {}  # valid pairs, each once (the sample repeats and breaks a few)
+    for row, record, _ in check_rows(rows, "hh", "hh"):
+        if record and max(len(json.loads(lines[row.row - 1])[key]) for key in ("chosen", "rejected")) < 400:
+            short.setdefault(record["id"], lines[row.row - 1])
+    return list(short.values())[start:stop]
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -196,6 +205,20 @@ def test_retrain_profile_is_valid_and_keeps_sft_off_the_preference_data():
     assert "prepare_sft" in pipeline_order(config) and "label" not in pipeline_order(config)
 
 
+def test_prepare_reruns_when_its_source_file_changes(tmp_path):
+    """The data source is part of prepare's cache key: rows appended by a retrain are never missed."""
+    from stages.runner import stage_key
+
+    config = validate({"data": {"task": "preference", "source": "pairs.jsonl"}})
+    write_lines(tmp_path / "pairs.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}'])
+    before = stage_key("prepare", config, {}, tmp_path)
+    assert stage_key("prepare", config, {}, tmp_path) == before
+    write_lines(tmp_path / "pairs.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}'] * 2)
+    assert stage_key("prepare", config, {}, tmp_path) != before
+    builtin = validate({})  # no local source: the key is as it always was
+    assert stage_key("prepare", builtin, {}, tmp_path) == stage_key("prepare", builtin, {})
+
+
 # --------------------------------------------------------------------------------------------------
 # The retrain flow
 # --------------------------------------------------------------------------------------------------
@@ -210,12 +233,12 @@ def prefect_server():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("retrain-project")
-    long = {"max_length": 512}
+    lengths = {"max_length": 192}  # the short dialogues of hh_lines fit
     params = tiny_params(
         tiny_model_dir, root,
         data={"task": "preference", "source": "data/preferences/preferences.jsonl", "max_rows": None,
               "sft_source": "sft.jsonl"},
-        sft={"source": "chosen", **long}, reward=long, dpo=long,
+        sft={"source": "chosen", **lengths}, reward=lengths, dpo=lengths,
     )
     write_lines(root / "sft.jsonl", hh_lines(0, 24))
     return make_project(root, params)
@@ -321,6 +344,17 @@ def test_each_retrain_registers_a_version_and_records_a_gate_decision(drops, pro
 
 
 @needs_hh
+def test_a_champion_whose_output_is_gone_is_fetched_from_the_registry(drops, project, tmp_path):
+    from stages.promotion import policy_result
+
+    elsewhere = validate({"run": {"tracking_uri": f"sqlite:///{project / 'mlflow.db'}",
+                                  "output_dir": str(tmp_path / "elsewhere")}})
+    result = policy_result(Registry.open(elsewhere.run, project), "1", elsewhere, project)
+    assert result.path.is_relative_to(tmp_path) and result.info["policy"]
+    assert (result.model_dir / "config.json").is_file() and list(result.model_dir.glob("*.safetensors"))
+
+
+@needs_hh
 def test_decisions_are_prefect_artifacts(drops):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -415,6 +449,6 @@ def test_ingest_command_copies_files_and_emits_the_arrival_event(tmp_path, prefe
     event_filter = EventFilter(event=EventNameFilter(name=["alignflow.preferences.arrived"]))
     deadline = time.time() + 30
     with get_client(sync_client=True) as client:
-        while not (events := client.read_events(filter=event_filter).events) and time.time() < deadline:
+        while not (events := client.read_events(filter=event_filter, limit=50).events) and time.time() < deadline:
             time.sleep(0.5)
     assert [event.resource.id for event in events] == ["alignflow.incoming.batch-7.jsonl"]

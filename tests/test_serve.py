@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prefect import flow, task
 
+from flows.serve import PREFERENCES_ARRIVED
 from stages.config import ConfigError, load_config
 from tests.conftest import make_project, tiny_params
 
@@ -119,7 +120,7 @@ def test_flow_parameters_render_as_a_form_with_descriptions_and_defaults(tmp_pat
 
 def test_retrain_is_scheduled_and_triggered_by_arriving_preferences(tmp_path):
     retrain_module = pytest.importorskip("flows.retrain", reason="flows/retrain.py not written yet")
-    from flows.serve import PREFERENCES_ARRIVED, deployments
+    from flows.serve import deployments
 
     assert PREFERENCES_ARRIVED == retrain_module.ARRIVED  # the event `alignflow ingest` emits
     config = load_config(REPO / "params.yaml")
@@ -264,6 +265,28 @@ def _wait_for_deployments(process: subprocess.Popen, api: str, log: Path, timeou
     raise AssertionError(f"alignflow serve not serving after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def _deployment(api: str, name: str) -> dict:
+    _, body = _get(f"{api}/deployments/filter", json.dumps({"deployments": {"name": {"any_": [name]}}}).encode())
+    (deployment,) = json.loads(body)
+    return deployment
+
+
+def _wait_for_final_run(api: str, deployment_id: str, log: Path, timeout: float) -> dict:
+    """The first finished run of a deployment that its schedule did not create (the cron's runs are days
+    ahead and stay Scheduled)."""
+    final = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
+    query = json.dumps({"flow_runs": {"deployment_id": {"any_": [deployment_id]},
+                                      "state": {"type": {"any_": final}}}}).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body = _get(f"{api}/flow_runs/filter", query)
+        runs = [run for run in json.loads(body) if not run["auto_scheduled"]]
+        if runs:
+            return runs[0]
+        time.sleep(1)
+    raise AssertionError(f"no finished run of deployment {deployment_id} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture
 def browser():
     from tests.test_report_browser import CHROMEDRIVER, CHROMIUM, REQUIRED, _browser_or_skip
@@ -289,10 +312,10 @@ def browser():
 @pytest.mark.slow
 def test_alignflow_serve_end_to_end_in_the_browser(tmp_path, tiny_model_dir, browser):
     """Start `alignflow serve` on free ports, open alignment-pipeline's custom-run form in the Prefect UI (the
-    page http://host:port/ leads to), check the MLflow UI answers, then Ctrl-C: every process it started
-    is gone."""
+    page http://host:port/ leads to), start a retrain run by its event, check the MLflow UI answers, then
+    Ctrl-C: every process it started is gone."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as until
     from selenium.webdriver.support.ui import WebDriverWait
 
     project = make_project(tmp_path / "project", tiny_params(tiny_model_dir, tmp_path / "project"))
@@ -311,25 +334,31 @@ def test_alignflow_serve_end_to_end_in_the_browser(tmp_path, tiny_model_dir, bro
         children = psutil.Process(process.pid).children(recursive=True)
         assert {"prefect", "mlflow"} <= {word for c in children for word in c.cmdline()}
 
-        # The Prefect UI: Deployments > alignment-pipeline > Run > Custom run
-        wait = WebDriverWait(browser, 60)
+        # The Prefect UI: Deployments > alignment-pipeline > Run > Custom run. The pages re-render while
+        # data arrives, so each step finds and clicks in one go and is retried on a stale element.
+        wait = WebDriverWait(browser, 60, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
         browser.get(ui + "/")
-        wait.until(until.element_to_be_clickable((By.LINK_TEXT, "Deployments"))).click()
-        wait.until(until.element_to_be_clickable((By.LINK_TEXT, "alignment-pipeline"))).click()
-        wait.until(lambda d: [b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Run"])[0].click()
-        wait.until(lambda d: [m for m in d.find_elements(By.CSS_SELECTOR, "[role=menuitem]")
-                              if m.text.strip() == "Custom run"])[0].click()
-        wait.until(until.text_to_be_present_in_element((By.TAG_NAME, "body"), "root"))
-        fields = {}
-        for name in ("params", "overrides", "root"):
-            label = wait.until(lambda d, name=name: [x for x in d.find_elements(By.TAG_NAME, "label")
-                                                     if x.text.split(" ")[0] == name])[0]
-            inputs = browser.find_elements(By.ID, label.get_attribute("for") or "-")
-            fields[name] = inputs[0].get_attribute("value") if inputs else None  # overrides: a list widget
+        for selector, text in (("a", "Deployments"), ("a", "alignment-pipeline"), ("button", "Run"),
+                               ("[role=menuitem]", "Custom run")):
+            wait.until(lambda d, selector=selector, text=text: _click(d, selector, text),
+                       message=f"no {selector} {text!r} on {browser.current_url}")
+        fields = wait.until(lambda d: _form_fields(d, ("params", "overrides", "root")),
+                            message=f"no custom-run form with params/overrides/root on {browser.current_url}")
         body = browser.find_element(By.TAG_NAME, "body").text
         assert "The params file, relative to root" in body and "one section.key=value each" in body
         assert fields["params"] == "params.yaml"
         assert fields["root"] == str(project)  # a UI run finds this project's params.yaml
+
+        # retrain: on its cron, and started by the event `alignflow ingest` sends (nothing dropped: no new data)
+        deployment = _deployment(api, "retrain")
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+        emit = [str(Path(sys.executable).parent / "prefect"), "event", "emit", PREFERENCES_ARRIVED,
+                "--resource-id", "alignflow.incoming.new-pairs.jsonl"]
+        emitted = subprocess.run(emit, env=env | {"PREFECT_API_URL": api}, capture_output=True, text=True, timeout=60)
+        assert emitted.returncode == 0, emitted.stdout + emitted.stderr
+        retrain_run = _wait_for_final_run(api, deployment["id"], log, timeout=180)
+        assert retrain_run["state_type"] == "COMPLETED", retrain_run["state"]
+        assert retrain_run["parameters"]["root"] == str(project)
 
         # The MLflow UI over the project's tracking store
         status, page = _get(f"http://127.0.0.1:{mlflow_port}/")
@@ -349,6 +378,30 @@ def test_alignflow_serve_end_to_end_in_the_browser(tmp_path, tiny_model_dir, bro
     assert not left, f"still running after Ctrl-C: {[c.cmdline() for c in left]}"
     assert (project / ".serve" / "prefect.log").stat().st_size > 0
     assert (project / ".serve" / "mlflow.log").stat().st_size > 0
+
+
+def _click(driver, selector: str, text: str) -> bool:
+    """Click the first visible ``selector`` element whose text is ``text``; False while there is none."""
+    from selenium.webdriver.common.by import By
+
+    for element in driver.find_elements(By.CSS_SELECTOR, selector):
+        if element.text.strip() == text and element.is_displayed():
+            element.click()
+            return True
+    return False
+
+
+def _form_fields(driver, names: tuple[str, ...]) -> dict[str, str | None] | None:
+    """The form's fields by label ("params (Optional)" -> params) and their values (None for a list
+    widget), read in one script so that a re-render cannot interleave; None until all ``names`` show."""
+    fields = driver.execute_script("""
+        const fields = {};
+        for (const label of document.querySelectorAll('label')) {
+            const input = label.htmlFor ? document.getElementById(label.htmlFor) : null;
+            fields[label.innerText.trim().split(' ')[0]] = input && 'value' in input ? input.value : null;
+        }
+        return fields;""")
+    return fields if set(names) <= set(fields) else None
 
 
 def _alive(process: psutil.Process) -> bool:
