@@ -98,6 +98,7 @@ class TrainConfig(Section):
     logging_steps: int = Field(default=5, ge=1)
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     gradient_checkpointing: bool = False
+    save_steps: int = Field(default=10, ge=0)  # optimiser steps between checkpoints (0: none)
 
 
 class SFTConfig(TrainConfig):

@@ -15,7 +15,14 @@ from stages.dpo_reference import load_reference
 from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
 from stages.reward import pair_dataset
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, throughput_metrics, trainer_args, weight_change
+from stages.training import (
+    final_evaluation,
+    snapshot_trainable,
+    throughput_metrics,
+    train_resuming,
+    trainer_args,
+    weight_change,
+)
 
 
 def _shared_reference_trainer(reference_dir):
@@ -71,18 +78,15 @@ def run(ctx: StageContext) -> StageOutput:
         callbacks=ctx.callbacks(),
     )
     before = snapshot_trainable(trainer.model)
-    train_output = trainer.train()
-    last_step = trainer.state.global_step
-    evaluation = next((log for log in trainer.state.log_history if "eval_loss" in log and log["step"] == last_step),
-                      None) or trainer.evaluate()  # evaluate only when the last step was not an eval step
+    train_output, resumed = train_resuming(trainer, ctx)
     ds = trainer.train_dataset
     tokens = int((sum(map(len, ds["prompt_ids"])) * 2 + sum(map(len, ds["chosen_ids"]))
                   + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)
     metrics = {
-        **throughput_metrics(train_output, tokens, trainer.model),
+        **throughput_metrics(train_output, tokens, trainer.model, resumed),
         "weight_change": weight_change(trainer.model, before),
         "train_pairs": float(len(ds)),
-        **{f"final_{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)},
+        **final_evaluation(trainer),
     }
 
     # Save

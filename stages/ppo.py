@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import statistics
 import tempfile
@@ -268,7 +267,7 @@ def run(ctx: StageContext) -> StageOutput:
     before = snapshot_trainable(models.policy)  # taken before a resume, so it measures the whole run
 
     # Resume
-    checkpoints = checkpoint_dir(ctx)
+    checkpoints = ctx.checkpoint_dir
     progress = load_checkpoint(checkpoints, models, optimisers, controller, ctx.device)
     resumed_from = progress.updates_done
     if resumed_from:
@@ -698,13 +697,6 @@ def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: 
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 CHECKPOINT_PREFIX = "update-"
-
-
-def checkpoint_dir(ctx: StageContext) -> Path:
-    """``<run.output_dir>/checkpoints/ppo/<key>``, the key parsed from ``.staging-<key>-<pid>``."""
-    match = re.fullmatch(r"\.staging-(.+)-[^-]+", ctx.out_dir.name)
-    key = match.group(1) if match else ctx.out_dir.name
-    return ctx.root / ctx.config.run.output_dir / "checkpoints" / "ppo" / key
 
 
 def save_checkpoint(directory: Path, models: Models, optimisers: Optimisers, controller: KLController,

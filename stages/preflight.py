@@ -3,14 +3,18 @@
 An MLflow tracking server or DVC remote that cannot be reached would otherwise fail a run after the
 training it paid for (MLflow's client also retries for minutes before it gives up). Each check fails
 fast with a message that names the URL and what to do.
+
+Credentials are read where the MLflow client and DVC read them, never from params: the health check of a
+tracking server goes through MLflow's own HTTP client (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``
+or ``MLFLOW_TRACKING_TOKEN`` from the environment or ``~/.mlflow/credentials``, MLflow's TLS settings), and a
+DVC remote's credentials stay in DVC's own config (``.dvc/config.local``) or the cloud SDK's environment.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import urllib.error
-import urllib.request
+import re
 from pathlib import Path
 
 from stages.config import Config
@@ -34,20 +38,38 @@ def preflight(config: Config, root: Path) -> None:
 def check_tracking(config: Config, root: Path) -> None:
     uri = tracking_uri(config.run, root)
     if uri.startswith(("http://", "https://")):
-        health = f"{uri.rstrip('/')}/health"
-        try:
-            with urllib.request.urlopen(health, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 (http only)
-                if response.status != 200:
-                    raise PreflightError(f"MLflow tracking server {uri} answered {response.status} at {health}")
-        except (urllib.error.URLError, OSError) as error:
-            raise PreflightError(
-                f"MLflow tracking server {uri} cannot be reached ({error}); start it (e.g. `make serve`) or "
-                "point run.tracking_uri at a running one. Nothing was trained."
-            ) from error
+        _check_tracking_server(uri)
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent
         if not os.access(directory if directory.exists() else directory.parent, os.W_OK):
             raise PreflightError(f"MLflow store {uri}: cannot write to {directory}")
+
+
+def _check_tracking_server(uri: str) -> None:
+    """The server's ``/health`` answers 200 within the timeout, asked once (no retries) through MLflow's own HTTP
+    client, so with exactly the credentials and TLS settings that the run's MLflow client will use."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                                timeout=TIMEOUT_SECONDS, raise_on_status=False)
+    except (MlflowException, OSError) as error:  # requests' errors are OSErrors
+        raise PreflightError(
+            f"MLflow tracking server {uri} cannot be reached ({error}); start it (e.g. `make serve`) or "
+            "point run.tracking_uri at a running one. Nothing was trained."
+        ) from error
+    if response.status_code in (401, 403):
+        raise PreflightError(
+            f"MLflow tracking server {uri} refused the credentials ({response.status_code} at {health}): set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment of "
+            "the run, or in ~/.mlflow/credentials; they never go into params. Nothing was trained."
+        )
+    if response.status_code != 200:
+        raise PreflightError(f"MLflow tracking server {uri} answered {response.status_code} at {health}. "
+                             "Nothing was trained.")
 
 
 def check_dvc_remote(root: Path) -> None:
@@ -60,7 +82,13 @@ def check_dvc_remote(root: Path) -> None:
             raise PreflightError(f"{root}: DVC has no default remote to push to; add one "
                                  "(`dvc remote add -d NAME URL`) or set run.dvc_push: false")
         url = repo.config["remote"][name]["url"]
-        remote = repo.cloud.get_remote(name)
+        try:
+            remote = repo.cloud.get_remote(name)
+        except ImportError as error:  # an s3://, gs://, ssh://... remote without its DVC plugin
+            plugin = re.search(r"'(dvc-[a-z0-9]+)'", str(error))
+            install = f"`pip install {plugin.group(1)}` into this environment" if plugin else "install its DVC plugin"
+            raise PreflightError(f"DVC remote {name!r} ({url}) needs a DVC plugin: {error}; {install}, or set "
+                                 "run.dvc_push: false. Nothing was trained.") from None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(_reachable, remote.fs, remote.path)
             try:

@@ -13,7 +13,7 @@ from stages.generation import reward_scores
 from stages.models import load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, throughput_metrics, trainer_args, weight_change
+from stages.training import snapshot_trainable, throughput_metrics, train_resuming, trainer_args, weight_change
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -63,11 +63,11 @@ def run(ctx: StageContext) -> StageOutput:
         callbacks=ctx.callbacks(),
     )
     before = snapshot_trainable(trainer.model)
-    train_output = trainer.train()
+    train_output, resumed = train_resuming(trainer, ctx)
     ds = trainer.train_dataset
     tokens = int((sum(map(len, ds["chosen_ids"])) + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)
     metrics = {
-        **throughput_metrics(train_output, tokens, trainer.model),
+        **throughput_metrics(train_output, tokens, trainer.model, resumed),
         "weight_change": weight_change(trainer.model, before),
         "train_pairs": float(len(train)),
         "dropped_too_long": float(len(train) - len(ds)),

@@ -18,6 +18,7 @@ from stages.training import (
     online_trainer_args,
     prompt_dataset,
     snapshot_trainable,
+    train_resuming,
     weight_change,
 )
 
@@ -48,9 +49,9 @@ def run(ctx: StageContext) -> StageOutput:
         callbacks=ctx.callbacks(),
     )
     before = snapshot_trainable(trainer.model)
-    train_output = trainer.train()
+    train_output, resumed = train_resuming(trainer, ctx)
     metrics = {
-        **online_metrics(trainer, train_output, len(prompts), dropped),
+        **online_metrics(trainer, train_output, len(prompts), dropped, resumed),
         "weight_change": weight_change(trainer.model, before),
     }
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from stages.config import Config, stage_params
 from stages.tracking import Tracker
@@ -79,6 +81,18 @@ class StageContext:
     root: Path  # project root (params, data/, dvc.yaml)
     device: torch.device
     tracker: Tracker | None
+
+    @property
+    def key(self) -> str:
+        """The stage's cache key, parsed from the staging directory ``.staging-<key>-<pid>``."""
+        match = re.fullmatch(r"\.staging-(.+)-[^-]+", self.out_dir.name)
+        return match.group(1) if match else self.out_dir.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """``<run.output_dir>/checkpoints/<stage>/<key>``: where a training stage checkpoints. It outlives a
+        crash (the staging directory does not) and is removed once the stage's output is in place."""
+        return checkpoint_dir(self.name, self.key, self.config, self.root)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.tracker is not None:
@@ -213,6 +227,10 @@ def output_dir(stage: str, key: str, config: Config, root: Path) -> Path:
     return output_root(config, root) / stage / key
 
 
+def checkpoint_dir(stage: str, key: str, config: Config, root: Path) -> Path:
+    return output_root(config, root) / "checkpoints" / stage / key
+
+
 def hash_files(directory: Path, names: tuple[str, ...]) -> str:
     """Content key of some files of a directory: sha256 over their names and bytes."""
     digest = hashlib.sha256()
@@ -256,8 +274,6 @@ def run_stage(
     ``tags`` go on the stage's MLflow run (e.g. a sweep's method and setting); on a cache hit they
     are set on the run that produced the output.
     """
-    from stages.models import resolve_device
-
     key = stage_key(stage, config, inputs, root)
     final_dir = output_dir(stage, key, config, root)
     if (final_dir / RESULT_FILE).is_file():
@@ -267,6 +283,27 @@ def run_stage(
         _publish_pointer(result, config, root)
         print(f"[alignflow] {stage}: cache hit, output at {final_dir}")
         return result
+
+    # One process at a time per output: a second run of the same stage and key (another flow, a retry)
+    # waits here, then finds the first one's output. The OS releases the lock of a killed process.
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final_dir.parent / f".{key}.lock"):
+        if (final_dir / RESULT_FILE).is_file():
+            return run_stage(stage, config, inputs, root, parent_run_id=parent_run_id, track=track,
+                             device=device, tags=tags)
+        _remove_dead_staging(final_dir.parent, key)
+        result = _run_uncached(stage, config, inputs, root, key, final_dir, parent_run_id=parent_run_id,
+                               track=track, device=device, tags=tags)
+    _publish_pointer(result, config, root)
+    print(f"[alignflow] {stage}: done in {result.metrics['stage_seconds']:.1f}s, output at {final_dir}")
+    return result
+
+
+def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], root: Path, key: str,
+                  final_dir: Path, *, parent_run_id: str | None, track: bool, device: torch.device | None,
+                  tags: dict[str, str] | None) -> StageResult:
+    """Run the stage into ``.staging-<key>-<pid>`` and rename that into place when it is complete."""
+    from stages.models import resolve_device
 
     staging = final_dir.parent / f".staging-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -297,12 +334,14 @@ def run_stage(
             metrics=metrics,
             info={**output.info, "mlflow_run_id": tracker.run_id if tracker else None},
         )
+        # the weights are on disk (staging, then the checkpoint) before any upload: a failed upload loses nothing
         if tracker is not None and result.info.get("policy"):
             version = tracker.log_policy(staging / result.info["model"], config.run.registered_model)
             result.info["registered_version"] = version
             print(f"[alignflow] {stage}: registered {config.run.registered_model} version {version}")
         (staging / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
         staging.rename(final_dir)  # atomic: a half-written output is never taken for a finished one
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the output supersedes its checkpoints
         if tracker is not None:
             tracker.log_metrics(metrics)
             tracker.finish()
@@ -311,9 +350,25 @@ def run_stage(
             tracker.finish("FAILED")
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish_pointer(result, config, root)
-    print(f"[alignflow] {stage}: done in {metrics['stage_seconds']:.1f}s, output at {final_dir}")
     return result
+
+
+def _remove_dead_staging(directory: Path, key: str) -> None:
+    """Staging directories of ``key`` left by processes that no longer run (a SIGKILL leaves them)."""
+    for leftover in directory.glob(f".staging-{key}-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve_inputs(stage: str, config: Config, root: Path) -> dict[str, StageResult]:

@@ -20,7 +20,7 @@ from stages.generation import sample
 from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, throughput_metrics, trainer_args, weight_change
+from stages.training import snapshot_trainable, throughput_metrics, train_resuming, trainer_args, weight_change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,10 +85,16 @@ def run(ctx: StageContext) -> StageOutput:
     model = load_causal_lm(base_path, ctx.config.model, ctx.device)
 
     # Dataset
-    rows = SOURCES[cfg.source](ctx, model, tokenizer)
-    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-    if not rows:
-        raise ValueError(f"sft: source {cfg.source!r} gave no training rows")
+    kept = ctx.checkpoint_dir / "sft_train.jsonl"  # a resumed run trains on the rows it started with
+    if kept.is_file():
+        rows = read_jsonl(kept)
+    else:
+        rows = SOURCES[cfg.source](ctx, model, tokenizer)
+        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        if not rows:
+            raise ValueError(f"sft: source {cfg.source!r} gave no training rows")
+        if cfg.save_steps:
+            write_jsonl(kept, rows)
     write_jsonl(ctx.out_dir / "sft_train.jsonl", rows)
     tokenizer.padding_side = "right"
 
@@ -103,10 +109,10 @@ def run(ctx: StageContext) -> StageOutput:
         callbacks=ctx.callbacks(),
     )
     before = snapshot_trainable(trainer.model)
-    train_output = trainer.train()
+    train_output, resumed = train_resuming(trainer, ctx)
     tokens = int(sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs)
     metrics = {
-        **throughput_metrics(train_output, tokens, trainer.model),
+        **throughput_metrics(train_output, tokens, trainer.model, resumed),
         "weight_change": weight_change(trainer.model, before),
         "train_rows": float(len(rows)),
     }

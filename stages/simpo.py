@@ -16,6 +16,7 @@ from stages.training import (
     pair_tokens,
     snapshot_trainable,
     throughput_metrics,
+    train_resuming,
     trainer_args,
     weight_change,
 )
@@ -52,9 +53,9 @@ def run(ctx: StageContext) -> StageOutput:
         callbacks=ctx.callbacks(),
     )
     before = snapshot_trainable(trainer.model)
-    train_output = trainer.train()
+    train_output, resumed = train_resuming(trainer, ctx)
     metrics = {
-        **throughput_metrics(train_output, pair_tokens(trainer), trainer.model),
+        **throughput_metrics(train_output, pair_tokens(trainer), trainer.model, resumed),
         "weight_change": weight_change(trainer.model, before),
         "train_pairs": float(len(trainer.train_dataset)),
         **final_evaluation(trainer),

@@ -3,6 +3,8 @@ and for the online RL stages (rloo, grpo) their prompts, reward functions and la
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from stages.runner import StageContext
 def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[str, Any]:
     """Keyword arguments common to TRL's *Config classes (all subclass transformers' TrainingArguments)."""
     return {
-        "output_dir": str(ctx.out_dir / "checkpoints"),
+        "output_dir": str(ctx.checkpoint_dir),
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.epochs,
         "max_steps": train.max_steps,
@@ -30,7 +32,9 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "max_length": train.max_length,
         "logging_steps": train.logging_steps,
         "gradient_checkpointing": train.gradient_checkpointing,  # TRL turns it on by default
-        "save_strategy": "no",
+        "save_strategy": "steps" if train.save_steps else "no",
+        "save_steps": train.save_steps or 500,
+        "save_total_limit": 1,
         "report_to": "none",
         "seed": ctx.config.run.seed,
         "use_cpu": ctx.device.type == "cpu",
@@ -40,6 +44,33 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "disable_tqdm": False,
         **extra,
     }
+
+
+def train_resuming(trainer, ctx: StageContext):
+    """``trainer.train()``, resumed from the newest complete checkpoint in ``ctx.checkpoint_dir``.
+
+    A checkpoint is complete when its ``trainer_state.json`` is there: the Trainer writes it last, so a
+    process killed in the middle of a save leaves a checkpoint without it, which is removed here.
+    Returns the Trainer's output and the step it resumed from (0: from the start).
+    """
+    last = last_checkpoint(ctx.checkpoint_dir)
+    step = json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
+    if last:
+        print(f"[alignflow] {ctx.name}: resuming from step {step} ({last})")
+    return trainer.train(resume_from_checkpoint=str(last) if last else None), step
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``directory`` with its ``trainer_state.json``; incomplete ones are removed."""
+    complete: list[tuple[int, Path]] = []
+    for path in directory.glob("checkpoint-*") if directory.is_dir() else ():
+        if not path.name.removeprefix("checkpoint-").isdigit():
+            continue
+        if (path / "trainer_state.json").is_file():
+            complete.append((int(path.name.removeprefix("checkpoint-")), path))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return max(complete)[1] if complete else None
 
 
 def snapshot_trainable(model) -> dict[str, torch.Tensor]:
@@ -59,11 +90,18 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
-def throughput_metrics(train_output, tokens_seen: int, model) -> dict[str, float]:
-    """tokens/s of training and the model FLOPs it implies (6 N per token, Kaplan et al. 2020)."""
+def throughput_metrics(train_output, tokens_seen: int, model, resumed_step: int = 0) -> dict[str, float]:
+    """tokens/s of training and the model FLOPs it implies (6 N per token, Kaplan et al. 2020).
+
+    ``tokens_seen`` counts the whole run; after a resume from ``resumed_step`` only the steps this
+    process ran count towards the rate.
+    """
     seconds = float(train_output.metrics.get("train_runtime", 0.0)) or 1e-9
-    tokens_per_second = tokens_seen / seconds
+    done = 1.0 - resumed_step / max(train_output.global_step, 1)
+    tokens_per_second = tokens_seen * done / seconds
     return {
+        "resumed_from_step": float(resumed_step),
+        "train_steps": float(train_output.global_step),
         "train_runtime": seconds,
         "train_tokens": float(tokens_seen),
         "train_tokens_per_second": tokens_per_second,
@@ -168,11 +206,11 @@ def online_trainer_args(cfg: OnlineRLConfig, ctx: StageContext, **extra: Any) ->
     return args
 
 
-def online_metrics(trainer, train_output, prompts: int, dropped: int) -> dict[str, float]:
+def online_metrics(trainer, train_output, prompts: int, dropped: int, resumed_step: int = 0) -> dict[str, float]:
     """Throughput and the last logged training figures (reward, kl, completion lengths, ...)."""
     last = next((log for log in reversed(trainer.state.log_history) if "reward" in log), {})
     return {
-        **throughput_metrics(train_output, int(trainer.state.num_input_tokens_seen), trainer.model),
+        **throughput_metrics(train_output, int(trainer.state.num_input_tokens_seen), trainer.model, resumed_step),
         "train_prompts": float(prompts),
         "dropped_too_long": float(dropped),
         **{f"final_{k}": float(v) for k, v in last.items() if isinstance(v, int | float) and k != "step"},

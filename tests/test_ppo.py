@@ -239,9 +239,9 @@ def test_checkpoint_dir_is_keyed_by_the_cache_key_of_the_staging_dir(tmp_path):
     def ctx(name: str) -> StageContext:
         return StageContext("ppo", config, {}, tmp_path / "out" / "ppo" / name, tmp_path, torch.device("cpu"), None)
 
-    assert ppo.checkpoint_dir(ctx(".staging-ab12cd-4242")) == tmp_path / "out" / "checkpoints" / "ppo" / "ab12cd"
-    assert ppo.checkpoint_dir(ctx(".staging-a-b-1")).name == "a-b"
-    assert ppo.checkpoint_dir(ctx("somewhere")).name == "somewhere"
+    assert ctx(".staging-ab12cd-4242").checkpoint_dir == tmp_path / "out" / "checkpoints" / "ppo" / "ab12cd"
+    assert ctx(".staging-a-b-1").checkpoint_dir.name == "a-b"
+    assert ctx("somewhere").checkpoint_dir.name == "somewhere"
 
 
 def test_lora_ema_reference_swaps_ema_weights_in_and_restores_the_policy(tiny_model_dir):
