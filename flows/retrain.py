@@ -30,6 +30,7 @@ from flows.pipeline import run_stages, run_task
 from stages.config import Config, load_config, validate
 from stages.ingest import PROCESSED, IngestSummary, dataset_lock, ingest
 from stages.models import setup_runtime
+from stages.preflight import preflight
 from stages.promotion import Decision, Registry, apply, gate, policy_result
 from stages.records import read_jsonl
 from stages.runner import STAGES, StageResult
@@ -65,6 +66,7 @@ def retrain(
     project = Path(root).resolve()
     loaded = load_config(project / params, overrides or [])
     config = retrain_config(loaded)
+    preflight(config, project)  # an unreachable MLflow server or DVC remote stops the run before it ingests
     setup_runtime(config.run)
     logger = get_run_logger()
     if loaded.data.source != config.data.source:

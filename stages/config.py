@@ -363,14 +363,42 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------------
 # Loading and overrides
 # --------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Secrets: never in params, never echoed
+# --------------------------------------------------------------------------------------------------
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)(?P<name>[\w.-]*(?:token(?!s|iz)|password|passwd|secret|api[_-]?key|access[_-]?key|credentials?)[\w.-]*)"
+    r"(?P<sep>\s*[=:]\s*)(?P<value>[^\s&'\",}]+)"
+)
+SECRETS_HELP = ("secrets come from the environment, never from params: MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for MLflow, HF_TOKEN for the hub, "
+                "`dvc remote modify --local` or the cloud SDK's variables for DVC")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL credentials (``scheme://user:pass@``) and ``token=...``-style values hidden."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}<credentials hidden>@", text)
+    return _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}{m['sep']}<hidden>", text)
+
+
+def _credential_keys(raw: Any, path: str = "") -> list[str]:
+    """Dotted keys of ``raw`` whose string value holds credentials (redact would change it)."""
+    if isinstance(raw, dict):
+        return [key for name, value in raw.items() for key in _credential_keys(value, f"{path}.{name}".lstrip("."))]
+    if isinstance(raw, list):
+        return [key for i, value in enumerate(raw) for key in _credential_keys(value, f"{path}[{i}]")]
+    return [path] if isinstance(raw, str) and redact(raw) != raw else []
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"dpo.beta=0.2"`` -> (["dpo", "beta"], 0.2); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {redact(text)!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     path = [part for part in key.strip().split(".") if part]
     if len(path) < 2:
-        raise ConfigError(f"override {text!r}: key must name a section and a key, e.g. dpo.beta")
+        raise ConfigError(f"override {redact(text)!r}: key must name a section and a key, e.g. dpo.beta")
     return path, yaml.safe_load(raw) if raw.strip() else None
 
 
@@ -382,7 +410,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+                raise ConfigError(f"override {redact(text)!r}: {part!r} is not a section")
             node = child
         node[path[-1]] = value
     return merged
@@ -397,12 +425,15 @@ def _format_errors(source: str, error: ValidationError) -> str:
         else:
             given = item.get("input")
             lines.append(f"  - '{key}': {item['msg']} (got {given!r})")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def validate(raw: dict[str, Any], source: str = "<params>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if secrets := _credential_keys(raw):
+        raise ConfigError(f"{redact(source)}: {', '.join(secrets)} hold(s) credentials (not shown here); "
+                          f"remove them: {SECRETS_HELP}")
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
@@ -418,7 +449,7 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    source = str(path) + (f" with overrides {[redact(o) for o in overrides]}" if overrides else "")
     return validate(apply_overrides(raw, overrides or []), source)
 
 

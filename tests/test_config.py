@@ -106,3 +106,64 @@ def test_cache_keys_follow_params_sections():
     preference = load_config(REPO / "params/hh.yaml")
     assert "label" not in pipeline_order(preference)
     assert set(pipeline_order(base)) <= set(STAGES)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets: from the environment only, never echoed
+# --------------------------------------------------------------------------------------------------
+SECRET = "s3cr3t-Xq9"
+
+
+@pytest.mark.parametrize("override", [
+    f"run.tracking_uri=https://alice:{SECRET}@mlflow.example.com",
+    f"data.source=s3://AKIAEXAMPLE:{SECRET}@bucket/prefs.jsonl",
+    f"model.name=https://huggingface.co/x?token={SECRET}",
+])
+def test_credentials_in_params_are_refused_without_being_echoed(override, capsys):
+    from flows.cli import main
+
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "params.yaml", [override])
+    assert key in str(error.value) and "environment" in str(error.value)
+    assert SECRET not in str(error.value)
+
+    assert main(["validate", "--set", override]) != 0  # the CLI's message, on either stream
+    printed = capsys.readouterr()
+    assert key in printed.out + printed.err and SECRET not in printed.out + printed.err
+
+
+def test_other_errors_do_not_echo_a_secret_given_beside_them():
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "params.yaml", ["dpo.beta=-1", f"run.api_token={SECRET}"])
+    assert "dpo.beta" in str(error.value) and SECRET not in str(error.value)
+
+
+def test_names_that_merely_contain_token_are_not_taken_for_secrets():
+    config = load_config(REPO / "params.yaml", ["sft.generation.max_new_tokens=12"])
+    assert config.sft.generation.max_new_tokens == 12
+
+
+def test_secrets_in_the_environment_never_reach_mlflow(tmp_path, tiny_model_dir, monkeypatch):
+    """A tracked stage with credentials in the environment: none of its params, tags or artifacts hold them."""
+    import mlflow
+
+    from stages.config import validate
+    from stages.runner import run_stage
+    from tests.conftest import make_project, tiny_params
+
+    for name in ("MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, SECRET)
+    root = make_project(tmp_path / "p", tiny_params(tiny_model_dir, tmp_path / "p", run={"dvc": False}))
+    config = validate(yaml.safe_load((root / "params.yaml").read_text()))
+    result = run_stage("prepare", config, {}, root)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(result.info["mlflow_run_id"])
+    recorded = [*run.data.params.items(), *run.data.tags.items()]
+    for artifact in client.list_artifacts(run.info.run_id):
+        if not artifact.is_dir:
+            recorded.append((artifact.path, Path(client.download_artifacts(run.info.run_id, artifact.path,
+                                                                          str(tmp_path))).read_text()))
+    assert len(recorded) > 10
+    assert not [name for name, value in recorded if SECRET in str(value)]

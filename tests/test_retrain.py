@@ -452,3 +452,24 @@ def test_ingest_command_copies_files_and_emits_the_arrival_event(tmp_path, prefe
         while not (events := client.read_events(filter=event_filter, limit=50).events) and time.time() < deadline:
             time.sleep(0.5)
     assert [event.resource.id for event in events] == ["alignflow.incoming.batch-7.jsonl"]
+
+
+def test_retrain_stops_before_ingesting_when_the_tracking_server_is_down(tmp_path, tiny_model_dir):
+    import socket
+
+    from flows.retrain import retrain
+    from stages.preflight import PreflightError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once the socket is closed
+    root = tmp_path / "p"
+    drop = {"prompt": "Is it going to rain?", "chosen": "It may; take an umbrella.", "rejected": "No idea."}
+    write_lines(root / "data" / "incoming" / "drop.jsonl", [json.dumps(drop)] * 3)
+    make_project(root, tiny_params(tiny_model_dir, root, run={"tracking_uri": url},
+                                   data={"task": "preference", "source": "data/preferences/preferences.jsonl"}))
+
+    with pytest.raises(PreflightError, match=url):
+        retrain.fn(params="params.yaml", root=str(root))
+    assert (root / "data" / "incoming" / "drop.jsonl").is_file()  # not taken: it waits for the next run
+    assert not (root / "data" / "preferences").exists()
