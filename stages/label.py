@@ -15,7 +15,7 @@ from stages.generation import sample
 from stages.judges import gold_judge
 from stages.models import load_causal_lm, load_tokenizer
 from stages.records import read_jsonl, write_jsonl
-from stages.runner import StageContext, StageOutput
+from stages.runner import StageContext, StageOutput, check_pair_batches
 
 
 def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], min_gap: float) -> list[dict]:
@@ -72,6 +72,7 @@ def run(ctx: StageContext) -> StageOutput:
             f"label: {len(train)} train / {len(evaluation)} eval pairs from {len(rows)} prompts; "
             "raise label.max_prompts or label.samples_per_prompt, or lower label.min_gap"
         )
+    check_pair_batches(ctx.config, len(train), "label")
     write_jsonl(ctx.out_dir / "train.jsonl", train)
     write_jsonl(ctx.out_dir / "eval.jsonl", evaluation)
     write_jsonl(ctx.out_dir / "samples.jsonl", (

@@ -58,7 +58,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stages.config import DataConfig
-from stages.runner import StageContext, StageOutput, hash_files
+from stages.runner import StageContext, StageOutput, check_pair_batches, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -878,6 +878,8 @@ def run(ctx: StageContext) -> StageOutput:
     data_dir = ctx.out_dir / "prepared"
     summary = prepare_data(config.data, data_dir, seed=config.run.seed, root=ctx.root)
     (data_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
+    if summary.kind == "preference":
+        check_pair_batches(config, summary.train_rows, f"{config.data.source} (prepared)")
     for name in PREPARED_FILES:  # downstream stages read <output>/<name>
         shutil.copyfile(data_dir / name, ctx.out_dir / name)
     if summary.quarantine_path:

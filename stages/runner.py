@@ -172,6 +172,18 @@ def pipeline_order(config: Config) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Keys and locations
 # --------------------------------------------------------------------------------------------------
+PAIR_TRAINERS = ("reward", "dpo", "simpo", "orpo")  # stages that train on the preference pairs
+
+
+def check_pair_batches(config: Config, pairs: int, source: str) -> None:
+    """Fail before any model trains when a stage of this pipeline has a batch larger than its training pairs."""
+    too_large = [f"{stage}.batch_size ({getattr(config, stage).batch_size})" for stage in pipeline_order(config)
+                 if stage in PAIR_TRAINERS and getattr(config, stage).batch_size > pairs]
+    if too_large:
+        raise ValueError(f"{source}: {pairs} training pairs, fewer than {', '.join(too_large)}; lower the batch "
+                         "size or give it more data")
+
+
 def code_version(stage: str) -> str:
     """Hash of the source files a stage's behaviour depends on."""
     here = Path(__file__).parent

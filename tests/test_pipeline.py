@@ -142,3 +142,16 @@ def test_preference_task_skips_label_and_is_judged_by_the_reward_model(hh_run):
     assert "dpo/win_rate_vs_sft" in hh_run["metrics"]
     assert "dpo/rm_score_mean" in hh_run["metrics"]
     assert not any(key.endswith("gold_reward_mean") for key in hh_run["metrics"])
+
+
+def test_a_batch_larger_than_the_pairs_stops_at_prepare_before_any_model_loads(tmp_path, tiny_model_dir):
+    from stages.config import validate
+    from stages.runner import run_stage
+
+    rows = [{"prompt": f"Question {i}?", "chosen": "A careful answer.", "rejected": "No."} for i in range(10)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    params = tiny_params(tiny_model_dir, tmp_path, run={"dvc": False},
+                         data={"task": "preference", "source": "pairs.jsonl", "eval_fraction": 0.2},
+                         dpo={"batch_size": 64})
+    with pytest.raises(ValueError, match=r"pairs.jsonl \(prepared\): \d+ training pairs, fewer than dpo.batch_size"):
+        run_stage("prepare", validate(params), {}, tmp_path, track=False)
