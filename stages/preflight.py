@@ -16,10 +16,14 @@ import concurrent.futures
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stages.config import Config
 from stages.tracking import tracking_uri
 from stages.versioning import inside_dvc_repro, is_dvc_repo
+
+if TYPE_CHECKING:
+    from mlflow.utils.rest_utils import MlflowHostCreds
 
 TIMEOUT_SECONDS = 10.0
 
@@ -38,37 +42,49 @@ def preflight(config: Config, root: Path) -> None:
 def check_tracking(config: Config, root: Path) -> None:
     uri = tracking_uri(config.run, root)
     if uri.startswith(("http://", "https://")):
-        _check_tracking_server(uri)
+        _check_tracking_server(uri, config.run.experiment)
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent
         if not os.access(directory if directory.exists() else directory.parent, os.W_OK):
             raise PreflightError(f"MLflow store {uri}: cannot write to {directory}")
 
 
-def _check_tracking_server(uri: str) -> None:
-    """The server's ``/health`` answers 200 within the timeout, asked once (no retries) through MLflow's own HTTP
-    client, so with exactly the credentials and TLS settings that the run's MLflow client will use."""
-    from mlflow.exceptions import MlflowException
+def _check_tracking_server(uri: str, experiment: str) -> None:
+    """Ask the server twice, once each (no retries) and through MLflow's own HTTP client, so with exactly the
+    credentials and TLS settings of the run's MLflow client: ``/health`` (is it up?), then a read of the
+    experiment (does it let us in? ``/health`` is open even where ``mlflow server --app-name basic-auth`` or a
+    proxy checks credentials)."""
     from mlflow.utils.credentials import get_default_host_creds
+
+    credentials = get_default_host_creds(uri)
+    _ask(uri, credentials, "/health", {}, accept=(200,))
+    _ask(uri, credentials, "/api/2.0/mlflow/experiments/get-by-name", {"experiment_name": experiment},
+         accept=(200, 404))  # 404: the experiment does not exist yet; the first run creates it
+
+
+def _ask(uri: str, credentials: MlflowHostCreds, endpoint: str, query: dict[str, str], accept: tuple[int, ...]) -> None:
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import http_request
 
-    health = f"{uri.rstrip('/')}/health"
+    url = f"{uri.rstrip('/')}{endpoint}"
     try:
-        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
-                                timeout=TIMEOUT_SECONDS, raise_on_status=False)
+        response = http_request(credentials, endpoint, "GET", max_retries=0, timeout=TIMEOUT_SECONDS,
+                                raise_on_status=False, params=query)
     except (MlflowException, OSError) as error:  # requests' errors are OSErrors
         raise PreflightError(
             f"MLflow tracking server {uri} cannot be reached ({error}); start it (e.g. `make serve`) or "
             "point run.tracking_uri at a running one. Nothing was trained."
         ) from error
     if response.status_code in (401, 403):
+        said = " ".join(response.text.split())[:200]
         raise PreflightError(
-            f"MLflow tracking server {uri} refused the credentials ({response.status_code} at {health}): set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment of "
-            "the run, or in ~/.mlflow/credentials; they never go into params. Nothing was trained."
+            f"MLflow tracking server {uri} refused the request ({response.status_code} at {url}: {said!r}). "
+            "Credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in "
+            "the environment of the run, or in ~/.mlflow/credentials; they never go into params. A server that "
+            "refuses this host name needs it in `mlflow server --allowed-hosts`. Nothing was trained."
         )
-    if response.status_code != 200:
-        raise PreflightError(f"MLflow tracking server {uri} answered {response.status_code} at {health}. "
+    if response.status_code not in accept:
+        raise PreflightError(f"MLflow tracking server {uri} answered {response.status_code} at {url}. "
                              "Nothing was trained.")
 
 
