@@ -317,8 +317,25 @@ class RetrainConfig(Section):
         return self
 
 
+class LaunchConfig(Section):
+    """How training stages run: in the flow's process, or under ``accelerate launch`` on several processes.
+
+    With ``num_processes`` > 1 the training stages (sft, reward, dpo, ppo, simpo, orpo, rloo, grpo) run
+    data-parallel (DDP by default; FSDP or DeepSpeed with ``config_file``, see ``configs/accelerate/``).
+    Batch sizes in params stay global: each process takes ``batch_size / num_processes`` rows per step,
+    so the run optimises what the single-process run does. Rank 0 alone logs to MLflow and writes outputs.
+    """
+
+    num_processes: int = Field(default=1, ge=1)
+    # accelerate's --mixed_precision; null: run.mixed_precision (the stages autocast by that one)
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    config_file: str | None = None  # an accelerate config file (relative to the project root), e.g. FSDP
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)  # null: a free port
+
+
 class Config(Section):
     run: RunConfig = RunConfig()
+    launch: LaunchConfig = LaunchConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
@@ -334,6 +351,25 @@ class Config(Section):
     retrain: RetrainConfig = RetrainConfig()
     compare: CompareConfig = CompareConfig()
     serve: ServeConfig = ServeConfig()
+
+
+    @model_validator(mode="after")
+    def _launch_fits(self) -> Config:
+        processes = self.launch.num_processes
+        if self.launch.mixed_precision not in (None, self.run.mixed_precision):
+            raise ValueError(f"launch.mixed_precision {self.launch.mixed_precision!r} differs from "
+                             f"run.mixed_precision {self.run.mixed_precision!r}, which the stages autocast by: "
+                             "set run.mixed_precision (launch.mixed_precision may then stay null)")
+        if processes > 1:
+            for name in ("sft", "reward", "dpo", "simpo", "orpo", "rloo", "grpo"):
+                batch = getattr(self, name).batch_size
+                if batch % processes:
+                    raise ValueError(f"{name}.batch_size {batch} is the global batch: it must divide evenly over "
+                                     f"launch.num_processes {processes}")
+            if self.ppo.mini_batch_size < processes:
+                raise ValueError(f"ppo.mini_batch_size {self.ppo.mini_batch_size} is smaller than "
+                                 f"launch.num_processes {processes}: every process needs a row of each mini-batch")
+        return self
 
 
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {

@@ -100,7 +100,8 @@ def sample(
     Sequences are grouped by prompt length so batches carry little padding; the KV cache makes each
     new token cost one forward step over the batch. ``with_logprobs`` also returns each token's
     log-prob and the entropy at the sampling temperature, read off the logits that sampling computed
-    anyway (PPO takes its pi_old from here instead of a second forward pass).
+    anyway (PPO takes its pi_old from here instead of a second forward pass). Under ``accelerate launch``
+    the processes take turns at the batches and then exchange their samples.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -108,13 +109,18 @@ def sample(
     jobs = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda j: len(rendered[j[0]]))
     eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    rank, world = process_group()
     results: dict[tuple[int, int], tuple[list[int], bool]] = {}
     token_stats: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
     started = time.perf_counter()
-    with tqdm(total=len(jobs), desc=desc, unit="seq") as bar:
-        for start in range(0, len(jobs), generation.batch_size):
-            batch = jobs[start : start + generation.batch_size]
+    batches = list(range(0, len(jobs), generation.batch_size))
+    mine = range(rank, len(batches), world)
+    with tqdm(total=sum(len(jobs[batches[n] : batches[n] + generation.batch_size]) for n in mine), desc=desc,
+              unit="seq") as bar:
+        # each batch has its own seed: the samples do not depend on how many processes share the batches
+        for number in mine:
+            torch.manual_seed(seed + 1_000_003 * number)
+            batch = jobs[batches[number] : batches[number] + generation.batch_size]
             ids, mask = _left_pad([rendered[i] for i, _ in batch], pad_id, device)
             out = model.generate(
                 input_ids=ids,
@@ -138,6 +144,12 @@ def sample(
                     length = len(results[job][0])
                     token_stats[job] = logprobs[j, :length].tolist(), entropies[j, :length].tolist()
             bar.update(len(batch))
+    if world > 1:  # under `accelerate launch`: every process gets every sample
+        shards: list = [None] * world
+        torch.distributed.all_gather_object(shards, (results, token_stats))
+        for shard_results, shard_stats in shards:
+            results |= shard_results
+            token_stats |= shard_stats
     seconds = time.perf_counter() - started
     torch.random.set_rng_state(generator_state)
     order = [(i, k) for i in range(len(prompts)) for k in range(n)]
@@ -152,6 +164,13 @@ def sample(
         logprobs=[token_stats[job][0] for job in order] if with_logprobs else None,
         entropies=[token_stats[job][1] for job in order] if with_logprobs else None,
     )
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group ``accelerate launch`` set up; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _step_statistics(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float

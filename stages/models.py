@@ -229,9 +229,12 @@ def peft_config(lora: LoraConfig, task_type: str):
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
-    """Save full weights (LoRA merged in) as safetensors, plus the tokenizer."""
+    """Save full weights (LoRA merged in) as safetensors, plus the tokenizer; under ``accelerate launch``
+    only rank 0 writes (every rank holds the same weights)."""
     from peft import PeftModel
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)

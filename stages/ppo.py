@@ -71,7 +71,7 @@ from torch.nn import Module
 from tqdm.auto import tqdm
 
 from stages.config import PPOConfig
-from stages.generation import Messages, Samples, pad_rows, reward_scores, sample
+from stages.generation import Messages, Samples, pad_rows, process_group, reward_scores, sample
 from stages.judges import GOLD_JUDGES, gold_judge
 from stages.losses import (
     KLController,
@@ -233,9 +233,17 @@ class Optimisers:
     critic: torch.optim.Optimizer
 
     def step(self, loss: Tensor, max_grad_norm: float) -> None:
+        """Backward, sum the gradients over the processes (when launched), clip, step."""
         for optimiser in (self.policy, self.critic):
             optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        if process_group()[1] > 1:
+            grads = [p.grad for o in (self.policy, self.critic) for p in o.param_groups[0]["params"]
+                     if p.grad is not None]
+            flat = torch.cat([grad.reshape(-1) for grad in grads])
+            torch.distributed.all_reduce(flat)
+            for grad, summed in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+                grad.copy_(summed.view_as(grad))
         for optimiser in (self.policy, self.critic):
             torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], max_grad_norm)
             optimiser.step()
@@ -297,7 +305,8 @@ def train(ctx: StageContext, models: Models, optimisers: Optimisers, controller:
         metrics = ppo_update(ctx, models, optimisers, controller, prompts, progress, update)
         ctx.log_metrics(metrics, step=progress.updates_done)
         bar.set_postfix(score=f"{metrics['ppo/score_mean']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
-        if progress.updates_done % cfg.checkpoint_every == 0 or progress.updates_done == cfg.updates:
+        checkpoint_due = progress.updates_done % cfg.checkpoint_every == 0 or progress.updates_done == cfg.updates
+        if checkpoint_due and ctx.is_main:  # every process holds the same weights and state
             save_checkpoint(checkpoints, models, optimisers, controller, progress)
 
 
@@ -675,7 +684,19 @@ def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOC
 
 
 def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: PPOConfig) -> dict[str, float]:
-    """One gradient step on the clipped policy and value losses: one forward of policy and critic."""
+    """One gradient step on the clipped policy and value losses: one forward of policy and critic.
+
+    Under ``accelerate launch`` each of the W processes takes rows ``rank::W`` of the mini-batch and
+    weights its token means by its share of the mini-batch's tokens; the summed gradients (see
+    :meth:`Optimisers.step`) are then those of the whole mini-batch, as in a single process.
+    """
+    rank, world = process_group()
+    share = 1.0
+    if world > 1:
+        rows = torch.arange(rank, len(batch.scores), world, device=batch.scores.device)
+        tokens = batch.sequences.response_mask.sum()
+        batch = batch.select(rows)
+        share = batch.sequences.response_mask.sum() / tokens.clamp(min=1)
     sequences, mask = batch.sequences, batch.sequences.response_mask
     with models.autocast():  # forward only; backward follows the dtypes autocast chose
         logits = response_logits(models.policy, sequences)  # (b, r, V)
@@ -683,14 +704,18 @@ def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: 
     logprobs = gather_log_probs(logits, sequences.response_ids, cfg.generation.temperature)  # (b, r), float32
     policy_out = policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip_range)
     value_out = value_loss(values, batch.values, batch.returns, mask, cfg.clip_range_value)
-    optimisers.step(policy_out.loss + cfg.value_coef * value_out.loss, cfg.max_grad_norm)
-    return {
-        "ppo/policy_loss": float(policy_out.loss.detach()),
-        "ppo/value_loss": float(value_out.loss.detach()),
-        "ppo/clip_fraction": float(policy_out.clip_fraction),
-        "ppo/approx_kl": float(policy_out.approx_kl),
-        "ppo/value_clip_fraction": float(value_out.clip_fraction),
+    optimisers.step((policy_out.loss + cfg.value_coef * value_out.loss) * share, cfg.max_grad_norm)
+    statistics = {
+        "ppo/policy_loss": policy_out.loss.detach(),
+        "ppo/value_loss": value_out.loss.detach(),
+        "ppo/clip_fraction": policy_out.clip_fraction,
+        "ppo/approx_kl": policy_out.approx_kl,
+        "ppo/value_clip_fraction": value_out.clip_fraction,
     }
+    values = torch.stack([value.float() for value in statistics.values()]) * share
+    if world > 1:  # token-weighted means over the whole mini-batch
+        torch.distributed.all_reduce(values)
+    return dict(zip(statistics, values.tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def run(ctx: StageContext) -> StageOutput:
 
     # Save & held-out accuracy
     save_model(trainer.model, tokenizer, ctx.out_dir / "model")
+    if not ctx.is_main:  # rank 0 measures and reports; the other processes' output is discarded
+        return StageOutput(metrics=metrics, info={"model": "model"})
     final = load_reward_model(str(ctx.out_dir / "model"), ctx.config.model, ctx.device)
     tokenizer.padding_side = "left"
     metrics.update(pair_accuracy(final, tokenizer, eval_rows))

@@ -83,6 +83,16 @@ class StageContext:
     tracker: Tracker | None
 
     @property
+    def num_processes(self) -> int:
+        """Processes running this stage together (``accelerate launch`` sets WORLD_SIZE); 1 in the flow."""
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs to MLflow and writes the output (always, in the flow)."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    @property
     def key(self) -> str:
         """The stage's cache key, parsed from the staging directory ``.staging-<key>-<pid>``."""
         match = re.fullmatch(r"\.staging-(.+)-[^-]+", self.out_dir.name)
@@ -107,6 +117,7 @@ class StageSpec:
     module: str  # stages.<module> holds `run(ctx) -> StageOutput`
     inputs: Callable[[Config], tuple[str, ...]]
     trains: bool = False  # uses the model (GPU when there is one): tagged `gpu` in the flows
+    launchable: bool = False  # a training loop that runs data-parallel under `accelerate launch`
     code: tuple[str, ...] = ()  # other stage modules it imports, part of its code version
     # data sources it reads besides its inputs (paths under the root, hub ids); local ones join its cache key
     sources: Callable[[Config], tuple[str | None, ...]] = lambda c: ()
@@ -137,18 +148,18 @@ STAGES: dict[str, StageSpec] = {
     "base": StageSpec("base", lambda c: ()),
     "prepare": StageSpec("prepare", lambda c: (), sources=lambda c: (c.data.source,)),
     "prepare_sft": StageSpec("prepare_sft", lambda c: (), code=("prepare.py",), sources=lambda c: (c.data.sft_source,)),
-    "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), trains=True),
+    "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), trains=True, launchable=True),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
-    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True),
+    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True),
     "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True,
                                code=("reward.py",)),
-    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), trains=True,
+    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), trains=True, launchable=True,
                      code=("reward.py", "dpo_reference.py")),
-    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True),
-    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), trains=True, code=("reward.py",)),
-    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), trains=True, code=("reward.py",)),
-    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), trains=True),
-    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), trains=True),
+    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
+    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True, code=("reward.py",)),
+    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True, code=("reward.py",)),
+    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
+    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
     "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
     # one policy (input "policy"; the SFT model when there is none) scored like evaluate scores each
     "score": StageSpec("score", lambda c: ("prepare", "sft", "reward"), trains=True, code=("evaluate.py",)),
@@ -334,7 +345,12 @@ def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], ro
         if tracker is not None:
             tracker.log_params(stage_params(config, stage))
             tracker.log_config(config)
-        output = STAGES[stage].function()(ctx)
+        if STAGES[stage].launchable and config.launch.num_processes > 1:
+            from stages.launch import launch
+
+            output = launch(ctx)
+        else:
+            output = STAGES[stage].function()(ctx)
         metrics = {**output.metrics, "stage_seconds": time.perf_counter() - started}
         result = StageResult(
             stage=stage,

@@ -25,8 +25,9 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.epochs,
         "max_steps": train.max_steps,
-        "per_device_train_batch_size": train.batch_size,
-        "per_device_eval_batch_size": train.batch_size,
+        # batch_size is global: under `accelerate launch` each of the processes takes its share
+        "per_device_train_batch_size": train.batch_size // ctx.num_processes,
+        "per_device_eval_batch_size": train.batch_size // ctx.num_processes,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "warmup_steps": train.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
         "max_length": train.max_length,
