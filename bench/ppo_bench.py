@@ -7,10 +7,11 @@
    model and critic from the base weights), with the wall time split into generation, scoring,
    reference/critic forward passes and optimisation, and the peak RSS of this process; in float32
    (like for like with the peer) and with bf16 autocast (``run.mixed_precision: bf16``).
-3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO, float32), in its own virtual
+3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO), in its own virtual
    environment (`.bench/trl112`, created on first use), via ../shared/bench/ppo_baseline_trl112.py:
    once on its own prompts (4 short raw openings, ~8 tokens) and once with that script's prompt line
-   swapped for alignflow's chat-rendered prompts (~50 tokens), so both do the same work.
+   swapped for alignflow's chat-rendered prompts (~50 tokens), so both do the same work; float32, and
+   on our prompts once more with ``bf16=True`` in its PPOConfig, against our bf16 run.
 
 Usage: python bench/ppo_bench.py [--updates 2] [--skip-peer]
 """
@@ -110,11 +111,16 @@ def rendered_prompts(model_dir: str, config, count: int) -> list[str]:
     return texts
 
 
-def peer(model_dir: str, updates: int, prompts: list[str] | None = None) -> dict[str, float]:
+PEER_CPU_FLAG = "use_cpu=True,"
+
+
+def peer(model_dir: str, updates: int, prompts: list[str] | None = None, bf16: bool = False) -> dict[str, float]:
     """TRL 1.12's PPOTrainer via the shared peer script: on its own prompts, or (``prompts``) on ours.
 
     For ours, the script runs unchanged except for its one line that builds the prompt list, which
     then reads ``prompts`` from a JSON file: same model, LoRA, batch, lengths, epochs and minibatches.
+    ``bf16`` adds ``bf16=True`` to its PPOConfig (transformers' mixed precision: accelerate autocasts
+    the forward passes), the peer's counterpart of ``run.mixed_precision: bf16``.
     """
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
@@ -128,9 +134,13 @@ def peer(model_dir: str, updates: int, prompts: list[str] | None = None) -> dict
                 raise RuntimeError(f"{PEER_SCRIPT}: its prompt line changed; update PEER_PROMPTS_LINE")
             (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
             script = Path(tmp) / "peer_on_our_prompts.py"
-            script.write_text(source.replace(
-                PEER_PROMPTS_LINE,
-                "import json; prompts = json.load(open('prompts.json'))[: batch * updates]"))
+            source = source.replace(
+                PEER_PROMPTS_LINE, "import json; prompts = json.load(open('prompts.json'))[: batch * updates]")
+            if bf16:
+                if source.count(PEER_CPU_FLAG) != 1:
+                    raise RuntimeError(f"{PEER_SCRIPT}: its PPOConfig changed; update PEER_CPU_FLAG")
+                source = source.replace(PEER_CPU_FLAG, PEER_CPU_FLAG + " bf16=True,")
+            script.write_text(source)
         done = subprocess.run([str(python), str(script), model_dir, str(updates)], cwd=tmp,
                               capture_output=True, text=True, check=True)
     line = next(line for line in done.stdout.splitlines() if line.startswith("trl-1.12 PPO"))
@@ -156,11 +166,15 @@ def main() -> None:
         report["trl_1_12"] = peer(model_dir, args.updates)
         prompts = rendered_prompts(model_dir, config, 32 * args.updates)
         report["trl_1_12_on_our_prompts"] = peer(model_dir, args.updates, prompts)
+        report["trl_1_12_bf16_on_our_prompts"] = peer(model_dir, args.updates, prompts, bf16=True)
         for ours_key in ("alignflow", "alignflow_bf16"):
             seconds = report[ours_key]["time/update_mean"]
             report[f"ratio_{ours_key}_vs_trl_own_prompts"] = seconds / report["trl_1_12"]["seconds_per_update"]
             report[f"ratio_{ours_key}_vs_trl_same_prompts"] = (
                 seconds / report["trl_1_12_on_our_prompts"]["seconds_per_update"])
+        # like for like in precision too: both bf16 autocast, same prompts
+        report["ratio_alignflow_bf16_vs_trl_bf16_same_prompts"] = (
+            report["alignflow_bf16"]["time/update_mean"] / report["trl_1_12_bf16_on_our_prompts"]["seconds_per_update"])
     out = ROOT / "bench-results" / f"ppo-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -181,6 +195,9 @@ def main() -> None:
             print(f"ratio alignflow {label} / TRL: same prompts "
                   f"{report[f'ratio_{ours_key}_vs_trl_same_prompts']:.2f}, TRL's own shorter prompts "
                   f"{report[f'ratio_{ours_key}_vs_trl_own_prompts']:.2f}")
+        print(f"TRL 1.12 PPO with bf16=True on alignflow's prompts: "
+              f"{report['trl_1_12_bf16_on_our_prompts']['seconds_per_update']:.1f} s/update; ratio alignflow bf16 / "
+              f"TRL bf16, same prompts: {report['ratio_alignflow_bf16_vs_trl_bf16_same_prompts']:.2f}")
 
 
 if __name__ == "__main__":

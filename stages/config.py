@@ -407,7 +407,7 @@ _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(?P<name>[\w.-]*(?:token(?!s|iz)|password|passwd|secret|api[_-]?key|access[_-]?key|credentials?)[\w.-]*)"
     r"(?P<sep>\s*[=:]\s*)(?P<value>[^\s&'\",}]+)"
 )
-SECRETS_HELP = ("secrets come from the environment, never from params: MLFLOW_TRACKING_USERNAME/"
+SECRETS_HELP = ("secrets come from environment variables, never from params: MLFLOW_TRACKING_USERNAME/"
                 "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for MLflow, HF_TOKEN for the hub, "
                 "`dvc remote modify --local` or the cloud SDK's variables for DVC")
 

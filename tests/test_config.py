@@ -125,7 +125,7 @@ def test_credentials_in_params_are_refused_without_being_echoed(override, capsys
     key = override.split("=", 1)[0]
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "params.yaml", [override])
-    assert key in str(error.value) and "environment" in str(error.value)
+    assert key in str(error.value) and "environment variable" in str(error.value)
     assert SECRET not in str(error.value)
 
     assert main(["validate", "--set", override]) != 0  # the CLI's message, on either stream

@@ -137,3 +137,29 @@ def test_a_finished_stage_is_a_cache_hit_and_starts_nothing(project, capsys):
     result = _rerun("label", project)
     assert "cache hit" in capsys.readouterr().out
     assert json.loads((Path(result.output_dir) / RESULT_FILE).read_text())["key"] == result.key
+
+
+def test_an_upload_that_fails_after_training_loses_no_weights(project, monkeypatch):
+    """MLflow goes away while the trained policy is being registered: the run fails, but the weights are
+    on disk (the final checkpoint); the re-run trains nothing more and registers them."""
+    from stages.tracking import Tracker
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dpo"]["beta"] = 0.3  # a DPO output of its own (the kill test made the default one)
+    config = validate(params)
+    inputs = resolve_inputs("dpo", config, project)
+    key = stage_key("dpo", config, inputs, project)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("MLflow tracking server went away")
+
+    monkeypatch.setattr(Tracker, "log_policy", unreachable)
+    with pytest.raises(ConnectionError):
+        run_stage("dpo", config, inputs, project)
+    assert (checkpoint_dir("dpo", key, config, project) / f"checkpoint-{STEPS}" / "trainer_state.json").is_file()
+    assert not (output_dir("dpo", key, config, project) / RESULT_FILE).exists()
+
+    monkeypatch.undo()
+    result = run_stage("dpo", config, inputs, project)
+    assert result.metrics["resumed_from_step"] == STEPS  # nothing retrained
+    assert result.info["registered_version"]
