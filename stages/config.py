@@ -167,6 +167,8 @@ class PPOConfig(Section):
     ref_ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     checkpoint_every: int = Field(default=5, ge=1)
+    # recompute the policy's and critic's activations in backward (less memory, ~30% slower optimisation)
+    gradient_checkpointing: bool = False
     generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")

@@ -269,6 +269,8 @@ def run(ctx: StageContext) -> StageOutput:
 
     # Models, optimisers, KL controller
     models = build_models(ctx)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
     optimisers = build_optimisers(models, cfg)
     controller = make_kl_controller("adaptive" if cfg.adaptive_kl else "fixed", cfg.kl_coef,
                                     cfg.kl_target, cfg.kl_horizon)
@@ -464,6 +466,12 @@ def build_critic(ctx: StageContext) -> Critic:
     return Critic(model=model, backbone=getattr(inner, inner.base_model_prefix), head=head)
 
 
+def enable_gradient_checkpointing(models: Models) -> None:
+    """Recompute activations in backward (non-reentrant checkpointing, so LoRA's inputs need no grad)."""
+    for model in (models.policy, models.critic.model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_optimisers(models: Models, cfg: PPOConfig) -> Optimisers:
     # weight_decay 0, as in TRL's trainers and the N+ reference (plain Adam).
     return Optimisers(
@@ -605,7 +613,9 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
         scores = torch.where(ended, scores, scores + cfg.missing_eos_penalty)
     scored = time.perf_counter()
 
-    sequences = to_sequences(samples, models.tokenizer.pad_token_id, device)
+    # gradient checkpointing drops a layer's KV cache, so the shared prefix cannot be run once then
+    sequences = to_sequences(samples, models.tokenizer.pad_token_id, device,
+                             share_prefix=not cfg.gradient_checkpointing)
     with models.autocast():
         forward = rollout_forward(models, sequences, samples, cfg.mini_batch_size, cfg.generation.temperature)
     rollout, metrics = assemble_rollout(sequences, scores, forward, cfg, kl_coef)
@@ -620,9 +630,9 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
     return rollout, metrics
 
 
-def to_sequences(samples: Samples, pad_id: int, device: torch.device) -> Sequences:
+def to_sequences(samples: Samples, pad_id: int, device: torch.device, share_prefix: bool = True) -> Sequences:
     """Token batches of the samples, the prompts' common prefix split off (see :class:`Sequences`)."""
-    prefix_length = shared_prefix_length(samples.prompt_ids)
+    prefix_length = shared_prefix_length(samples.prompt_ids) if share_prefix else 0
     prefix = torch.tensor(samples.prompt_ids[0][:prefix_length], dtype=torch.long, device=device)  # (C,)
     return Sequences(prefix, *pad_rows([ids[prefix_length:] for ids in samples.prompt_ids], pad_id, device, "left"),
                      *pad_rows(samples.response_ids, pad_id, device, "right"))
@@ -675,12 +685,27 @@ def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOC
     generator = torch.Generator().manual_seed(seed)
     device = rollout.scores.device
     collected: dict[str, list[float]] = defaultdict(list)
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(len(rollout.scores), generator=generator).to(device)
-        for index in order.split(cfg.mini_batch_size):
-            for name, value in minibatch_step(rollout.select(index), models, optimisers, cfg).items():
-                collected[name].append(value)
+    if cfg.gradient_checkpointing:  # transformers checkpoints only in training mode
+        for model in (models.policy, models.critic.model):
+            _train_without_dropout(model)
+    try:
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(rollout.scores), generator=generator).to(device)
+            for index in order.split(cfg.mini_batch_size):
+                for name, value in minibatch_step(rollout.select(index), models, optimisers, cfg).items():
+                    collected[name].append(value)
+    finally:
+        models.policy.eval()
+        models.critic.model.eval()
     return {name: statistics.fmean(values) for name, values in collected.items()}
+
+
+def _train_without_dropout(model: Module) -> None:
+    """Training mode (for gradient checkpointing) with every dropout off, as PPO trains (Huang et al. 2024)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
 
 
 def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: PPOConfig) -> dict[str, float]:

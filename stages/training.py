@@ -13,9 +13,9 @@ import torch
 
 from stages.config import OnlineRLConfig, TrainConfig
 from stages.judges import GOLD_JUDGES, gold_judge
-from stages.models import load_reward_model, load_tokenizer
+from stages.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
-from stages.runner import StageContext
+from stages.runner import StageContext, StageOutput
 
 
 def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[str, Any]:
@@ -114,6 +114,45 @@ def throughput_metrics(train_output, tokens_seen: int, model, resumed_step: int 
 # --------------------------------------------------------------------------------------------------
 # Pair-based stages on TRL's CPO-style trainers (simpo, orpo)
 # --------------------------------------------------------------------------------------------------
+def train_on_pairs(ctx: StageContext, section: str, config_class, trainer_class, **options: Any) -> StageOutput:
+    """A reference-free pair method (simpo, orpo): TRL's ``trainer_class`` on the preference pairs from the
+    SFT policy, evaluated on the held-out pairs; the merged policy is saved. ``options`` go to ``config_class``."""
+    from stages.reward import pair_dataset  # stages.reward imports this module
+
+    cfg = getattr(ctx.config, section)
+    pairs = ctx.inputs["label"] if "label" in ctx.inputs else ctx.inputs["prepare"]
+
+    # Model & tokenizer
+    sft_dir = str(ctx.inputs["sft"].model_dir)
+    tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="right")
+    model = load_causal_lm(sft_dir, ctx.config.model, ctx.device)
+
+    # Training
+    args = config_class(**trainer_args(cfg, ctx, eval_strategy="steps", eval_steps=max(cfg.logging_steps * 4, 1),
+                                       **options))
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=pair_dataset(pairs.path / "train.jsonl"),
+        eval_dataset=pair_dataset(pairs.path / "eval.jsonl"),
+        processing_class=tokenizer,
+        peft_config=peft_config(ctx.config.model.lora, "CAUSAL_LM"),
+        callbacks=ctx.callbacks(),
+    )
+    before = snapshot_trainable(trainer.model)
+    train_output, resumed = train_resuming(trainer, ctx)
+    metrics = {
+        **throughput_metrics(train_output, pair_tokens(trainer), trainer.model, resumed),
+        "weight_change": weight_change(trainer.model, before),
+        "train_pairs": float(len(trainer.train_dataset)),
+        **final_evaluation(trainer),
+    }
+
+    # Save
+    save_model(trainer.model, tokenizer, ctx.out_dir / "model")
+    return StageOutput(metrics=metrics, info={"model": "model", "policy": True})
+
+
 def pair_tokens(trainer) -> int:
     """Tokens trained on: chosen and rejected sequences (prompt included), times the epochs reached."""
     dataset = trainer.train_dataset
@@ -205,6 +244,43 @@ def online_trainer_args(cfg: OnlineRLConfig, ctx: StageContext, **extra: Any) ->
     )
     del args["max_length"]  # not a field of these configs: prompt_dataset applies it
     return args
+
+
+def train_online(ctx: StageContext, section: str, config_class, trainer_class) -> StageOutput:
+    """An online RL method without a critic (rloo, grpo): TRL's ``trainer_class`` samples completions of the
+    training prompts from the SFT policy and rewards them (``<section>.reward_source``); the merged policy is saved."""
+    cfg: OnlineRLConfig = getattr(ctx.config, section)
+
+    # Reward (first: a gold reward without a gold judge fails before any policy loads)
+    reward_funcs, reward_tokenizers = online_rewards(ctx, section)
+
+    # Model, tokenizer & prompts
+    sft_dir = str(ctx.inputs["sft"].model_dir)
+    tokenizer = load_tokenizer(sft_dir, ctx.config.model, padding_side="left")
+    model = load_causal_lm(sft_dir, ctx.config.model, ctx.device)
+    prompts, dropped = prompt_dataset(ctx.inputs["prepare"].path / "train.jsonl", cfg, tokenizer, section)
+
+    # Training
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config_class(**online_trainer_args(cfg, ctx)),
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizers,
+        peft_config=peft_config(ctx.config.model.lora, "CAUSAL_LM"),
+        callbacks=ctx.callbacks(),
+    )
+    before = snapshot_trainable(trainer.model)
+    train_output, resumed = train_resuming(trainer, ctx)
+    metrics = {
+        **online_metrics(trainer, train_output, len(prompts), dropped, resumed),
+        "weight_change": weight_change(trainer.model, before),
+    }
+
+    # Save
+    save_model(trainer.model, tokenizer, ctx.out_dir / "model")
+    return StageOutput(metrics=metrics, info={"model": "model", "policy": True})
 
 
 def online_metrics(trainer, train_output, prompts: int, dropped: int, resumed_step: int = 0) -> dict[str, float]:

@@ -83,3 +83,36 @@ def make_project(path: Path, params: dict) -> Path:
     full = validate(params).model_dump(mode="json")
     (path / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A real Prefect server (Prefect's test harness, SQLite) for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+class RecordingTracker:
+    """Test double of stages.tracking.Tracker: records log_metrics calls instead of writing to MLflow,
+    and the trainer's arguments and model as training begins."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+        self.train_args = None
+        self.checkpointing: bool | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def training_callback(self):
+        from stages.tracking import Tracker
+
+        callback = Tracker.training_callback(self)  # the real callback, logging into this double
+
+        def on_train_begin(args, state, control, model=None, **kwargs):
+            self.train_args, self.checkpointing = args, model.is_activation_checkpointing
+
+        callback.on_train_begin = on_train_begin
+        return callback

@@ -18,14 +18,6 @@ POLICIES = ["sft", "dpo sigmoid β=0.1", "dpo sigmoid β=0.5", "ppo kl=0.05", "p
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("compare")
     return make_project(root, tiny_params(tiny_model_dir, root, compare=GRID))

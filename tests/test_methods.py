@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from stages import grpo, orpo, rloo, simpo
 from stages.config import ConfigError, validate
 from stages.runner import STAGES, StageContext, StageOutput, StageResult
-from stages.tracking import Tracker
-from tests.conftest import tiny_params
+from tests.conftest import RecordingTracker, tiny_params
 
 MODULES = {"simpo": simpo, "orpo": orpo, "rloo": rloo, "grpo": grpo}
 TINY_PAIRS = {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3, "max_length": 96}
@@ -45,28 +44,6 @@ OPENINGS = ["The worst part of this film was", "Critics hated the sequel, but", 
 # --------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-class RecordingTracker:
-    """Test double of stages.tracking.Tracker: records log_metrics calls instead of writing to MLflow,
-    and the trainer's arguments and model as training begins."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-        self.train_args = None
-        self.checkpointing: bool | None = None
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def training_callback(self):
-        callback = Tracker.training_callback(self)  # the real callback, logging into this double
-
-        def on_train_begin(args, state, control, model=None, **kwargs):
-            self.train_args, self.checkpointing = args, model.is_activation_checkpointing
-
-        callback.on_train_begin = on_train_begin
-        return callback
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matrices gain nothing from threads, and spinning threads crawl on a busy 2-core machine."""
@@ -210,7 +187,7 @@ def test_gold_reward_needs_a_task_with_a_gold_judge(stage, tmp_path, tiny_model_
     def no_policy_load(*args, **kwargs):
         raise AssertionError("the policy was loaded before the reward source was checked")
 
-    monkeypatch.setattr(MODULES[stage], "load_causal_lm", no_policy_load)
+    monkeypatch.setattr("stages.training.load_causal_lm", no_policy_load)
     ctx = make_ctx(stage, tmp_path, tiny_model_dir, inputs, params={"reward_source": "gold"},
                    data={"task": "preference"})
     message = rf"{stage}\.reward_source is 'gold' but data\.task 'preference' has no gold judge"

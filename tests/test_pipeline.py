@@ -18,14 +18,6 @@ ALL_STAGES = ["base", "prepare", "sft", "label", "reward", "dpo_reference", "dpo
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("project")
     return make_project(root, tiny_params(tiny_model_dir, root))

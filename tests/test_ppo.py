@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from stages import ppo
 from stages.config import validate
 from stages.runner import StageContext, StageOutput, StageResult
-from tests.conftest import tiny_params
+from tests.conftest import RecordingTracker, tiny_params
 
 PER_UPDATE_METRICS = {
     "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/approx_kl",
@@ -38,16 +38,6 @@ OPENINGS = ["The worst part of this film was", "Critics hated the sequel, but", 
 # --------------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-class RecordingTracker:
-    """Test double of stages.tracking.Tracker: records log_metrics calls instead of writing to MLflow."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matrices gain nothing from threads, and spinning threads crawl on a busy 2-core machine."""
@@ -224,6 +214,20 @@ def test_crash_after_a_checkpoint_resumes_where_it_stopped(tmp_path, tiny_model_
 # --------------------------------------------------------------------------------------------------
 # Pieces
 # --------------------------------------------------------------------------------------------------
+def test_gradient_checkpointing_trains_the_same_policy(tmp_path, tiny_model_dir, inputs):
+    """Recomputing activations in backward (and so running the prompt prefix per row) changes no result."""
+    runs = {}
+    for checkpointing in (False, True):
+        ctx = make_ctx(tmp_path / str(checkpointing), tiny_model_dir, inputs,
+                       ppo_params={"gradient_checkpointing": checkpointing})
+        metrics = ppo.run(ctx).metrics
+        runs[checkpointing] = metrics, load_file(ctx.out_dir / "model" / "model.safetensors")
+    (plain_metrics, plain), (checkpointed_metrics, checkpointed) = runs[False], runs[True]
+    assert checkpointed_metrics["weight_change"] == pytest.approx(plain_metrics["weight_change"], rel=1e-4)
+    for name, weight in plain.items():
+        torch.testing.assert_close(checkpointed[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_prompt_stream_is_a_cycle_of_seeded_shuffles_that_resumes_from_its_cursor():
     stream = ppo.prompt_indices(5, 0, 15, seed=3)
     for epoch in range(3):

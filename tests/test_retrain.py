@@ -223,14 +223,6 @@ def test_prepare_reruns_when_its_source_file_changes(tmp_path):
 # The retrain flow
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("retrain-project")
     lengths = {"max_length": 192}  # the short dialogues of hh_lines fit

@@ -139,14 +139,6 @@ def test_retrain_is_scheduled_and_triggered_by_arriving_preferences(tmp_path):
 # Deployments served by a Runner against a real Prefect test server
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("served-project")
     return make_project(root, tiny_params(tiny_model_dir, root))
