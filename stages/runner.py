@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -273,12 +274,14 @@ def _publish_pointer(result: StageResult, config: Config, root: Path) -> None:
     """``outputs/results/<stage>.json``: the latest result of a stage (what dvc.yaml tracks)."""
     pointer_dir = output_root(config, root) / "results"
     pointer_dir.mkdir(parents=True, exist_ok=True)
-    tmp = pointer_dir / f".{result.stage}.json.tmp"
+    writer = f"{os.getpid()}-{threading.get_ident()}"  # concurrent tasks publish the same names
+    tmp = pointer_dir / f".{result.stage}.json.tmp-{writer}"
     tmp.write_text(json.dumps(asdict(result), indent=2))
     os.replace(tmp, pointer_dir / f"{result.stage}.json")
     for name in result.info.get("publish", []):  # e.g. evaluate's metrics.json, DVC's metrics file
-        shutil.copyfile(result.path / name, output_root(config, root) / f".{name}.tmp")
-        os.replace(output_root(config, root) / f".{name}.tmp", output_root(config, root) / name)
+        tmp = output_root(config, root) / f".{name}.tmp-{writer}"
+        shutil.copyfile(result.path / name, tmp)
+        os.replace(tmp, output_root(config, root) / name)
 
 
 def run_stage(

@@ -147,3 +147,21 @@ def test_a_batch_larger_than_the_pairs_stops_at_prepare_before_any_model_loads(t
                          dpo={"batch_size": 64})
     with pytest.raises(ValueError, match=r"pairs.jsonl \(prepared\): \d+ training pairs, fewer than dpo.batch_size"):
         run_stage("prepare", validate(params), {}, tmp_path, track=False)
+
+
+def test_concurrent_tasks_publish_the_same_stage_pointer_safely(tmp_path):
+    """A sweep's DPO tasks finish at once and each publishes outputs/results/dpo.json: no write may
+    pull another's temporary file from under it, and the pointer is always one whole result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.config import validate
+    from stages.runner import StageResult, _publish_pointer
+
+    config = validate({"run": {"output_dir": "out"}})
+    results = [StageResult("dpo", f"key{i}", str(tmp_path / "out" / "dpo" / f"key{i}"), f"key{i}") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(20):
+            list(pool.map(lambda result: _publish_pointer(result, config, tmp_path), results))
+    pointer = json.loads((tmp_path / "out" / "results" / "dpo.json").read_text())
+    assert pointer["key"] in {result.key for result in results}
+    assert not list((tmp_path / "out" / "results").glob(".*tmp*"))
