@@ -17,11 +17,9 @@ from stages.reward import pair_dataset
 from stages.runner import StageContext, StageOutput
 from stages.training import (
     final_evaluation,
-    snapshot_trainable,
     throughput_metrics,
     train_resuming,
     trainer_args,
-    weight_change,
 )
 
 
@@ -77,14 +75,13 @@ def run(ctx: StageContext) -> StageOutput:
         peft_config=lora,
         callbacks=ctx.callbacks(),
     )
-    before = snapshot_trainable(trainer.model)
-    train_output, resumed = train_resuming(trainer, ctx)
+    train_output, resumed, change = train_resuming(trainer, ctx)
     ds = trainer.train_dataset
     tokens = int((sum(map(len, ds["prompt_ids"])) * 2 + sum(map(len, ds["chosen_ids"]))
                   + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)
     metrics = {
         **throughput_metrics(train_output, tokens, trainer.model, resumed),
-        "weight_change": weight_change(trainer.model, before),
+        "weight_change": change,
         "train_pairs": float(len(ds)),
         **final_evaluation(trainer),
     }

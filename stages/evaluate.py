@@ -30,6 +30,11 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Mean over samples i of 1 if scores_i > baseline_i, 1/2 if equal, 0 otherwise (a tie counts one half)."""
+    if len(scores) != len(baseline):
+        raise ValueError(f"win_rate: {len(scores)} scores against {len(baseline)}; both must score the same samples")
+    if not scores:
+        raise ValueError("win_rate: no scores; need at least one sample")
     return statistics.fmean(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline, strict=True))
 
 

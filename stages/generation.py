@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from stages.config import GenerationConfig
 from stages.losses import entropy_from_logits, gather_log_probs
+from stages.models import process_group
 
 Messages = list[dict[str, str]]
 
@@ -164,13 +165,6 @@ def sample(
         logprobs=[token_stats[job][0] for job in order] if with_logprobs else None,
         entropies=[token_stats[job][1] for job in order] if with_logprobs else None,
     )
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group ``accelerate launch`` set up; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _step_statistics(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float

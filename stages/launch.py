@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(spec_path.read_text())
     state = PartialState(cpu=spec["device"] == "cpu")
     config = Config.model_validate(spec["config"])
-    setup_runtime(config.run.model_copy(update={"num_threads": torch.get_num_threads()}))
+    setup_runtime(config.run.model_copy(update={"num_threads": None}))  # accelerate set each process's threads
     root = Path(spec["root"])
     tracker = Tracker.attach(config.run, root, spec["run_id"]) if state.is_main_process and spec["run_id"] else None
     device = torch.device("cpu") if spec["device"] == "cpu" else state.device

@@ -59,6 +59,13 @@ def setup_runtime(run: RunConfig) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group ``accelerate launch`` set up; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def autocast(run: RunConfig, device: torch.device) -> torch.autocast:
     """``torch.autocast`` for ``run.mixed_precision`` on ``device`` (disabled for "no")."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.mixed_precision, torch.bfloat16)
@@ -233,7 +240,7 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     only rank 0 writes (every rank holds the same weights)."""
     from peft import PeftModel
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_group()[0] != 0:
         return
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()

@@ -71,7 +71,7 @@ from torch.nn import Module
 from tqdm.auto import tqdm
 
 from stages.config import PPOConfig
-from stages.generation import Messages, Samples, pad_rows, process_group, reward_scores, sample
+from stages.generation import Messages, Samples, pad_rows, reward_scores, sample
 from stages.judges import GOLD_JUDGES, gold_judge
 from stages.losses import (
     KLController,
@@ -87,7 +87,15 @@ from stages.losses import (
     policy_loss,
     value_loss,
 )
-from stages.models import autocast, load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
+from stages.models import (
+    autocast,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    peft_config,
+    process_group,
+    save_model,
+)
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
 from stages.training import snapshot_trainable, weight_change

@@ -33,6 +33,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from stages.evaluate import win_rate
+
 SFT = "sft"
 JUDGES = {"gold": "the gold judge", "reward_model": "the reward model"}
 REQUIRED_METRICS = ("kl_to_sft", "rm_score_mean")
@@ -107,15 +109,6 @@ class Report:
 # --------------------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------------------
-def win_rate(a_scores: Sequence[float], b_scores: Sequence[float]) -> float:
-    """Mean over samples i of 1 if a_i > b_i, 1/2 if a_i == b_i, 0 otherwise (a tie counts one half)."""
-    if len(a_scores) != len(b_scores):
-        raise ValueError(f"win_rate: {len(a_scores)} scores against {len(b_scores)}; both must score the same samples")
-    if not a_scores:
-        raise ValueError("win_rate: no scores; need at least one sample")
-    return statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores, strict=True))
-
-
 def setting_label(setting: dict[str, Any]) -> str:
     """A short label for a setting: {"beta": 0.1, "loss_type": "sigmoid"} -> "β=0.1 sigmoid"."""
     parts = []

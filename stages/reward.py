@@ -13,7 +13,7 @@ from stages.generation import reward_scores
 from stages.models import load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, throughput_metrics, train_resuming, trainer_args, weight_change
+from stages.training import throughput_metrics, train_resuming, trainer_args
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -62,13 +62,12 @@ def run(ctx: StageContext) -> StageOutput:
         peft_config=peft_config(ctx.config.model.lora, "SEQ_CLS"),
         callbacks=ctx.callbacks(),
     )
-    before = snapshot_trainable(trainer.model)
-    train_output, resumed = train_resuming(trainer, ctx)
+    train_output, resumed, change = train_resuming(trainer, ctx)
     ds = trainer.train_dataset
     tokens = int((sum(map(len, ds["chosen_ids"])) + sum(map(len, ds["rejected_ids"]))) * cfg.epochs)
     metrics = {
         **throughput_metrics(train_output, tokens, trainer.model, resumed),
-        "weight_change": weight_change(trainer.model, before),
+        "weight_change": change,
         "train_pairs": float(len(train)),
         "dropped_too_long": float(len(train) - len(ds)),
     }

@@ -85,13 +85,17 @@ class StageContext:
 
     @property
     def num_processes(self) -> int:
-        """Processes running this stage together (``accelerate launch`` sets WORLD_SIZE); 1 in the flow."""
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        """Processes running this stage together (under ``accelerate launch``); 1 in the flow."""
+        from stages.models import process_group
+
+        return process_group()[1]
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the one process that logs to MLflow and writes the output (always, in the flow)."""
-        return int(os.environ.get("RANK", "0")) == 0
+        from stages.models import process_group
+
+        return process_group()[0] == 0
 
     @property
     def key(self) -> str:
@@ -303,25 +307,29 @@ def run_stage(
     key = stage_key(stage, config, inputs, root)
     final_dir = output_dir(stage, key, config, root)
     if (final_dir / RESULT_FILE).is_file():
-        result = StageResult.load(final_dir)
-        if tags and track and result.info.get("mlflow_run_id"):
-            Tracker.attach(config.run, root, result.info["mlflow_run_id"]).set_tags(tags)
-        _publish_pointer(result, config, root)
-        print(f"[alignflow] {stage}: cache hit, output at {final_dir}")
-        return result
+        return _cache_hit(stage, config, root, final_dir, tags if track else None)
 
     # One process at a time per output: a second run of the same stage and key (another flow, a retry)
     # waits here, then finds the first one's output. The OS releases the lock of a killed process.
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(final_dir.parent / f".{key}.lock"):
         if (final_dir / RESULT_FILE).is_file():
-            return run_stage(stage, config, inputs, root, parent_run_id=parent_run_id, track=track,
-                             device=device, tags=tags)
+            return _cache_hit(stage, config, root, final_dir, tags if track else None)
         _remove_dead_staging(final_dir.parent, key)
         result = _run_uncached(stage, config, inputs, root, key, final_dir, parent_run_id=parent_run_id,
                                track=track, device=device, tags=tags)
     _publish_pointer(result, config, root)
     print(f"[alignflow] {stage}: done in {result.metrics['stage_seconds']:.1f}s, output at {final_dir}")
+    return result
+
+
+def _cache_hit(stage: str, config: Config, root: Path, final_dir: Path, tags: dict[str, str] | None) -> StageResult:
+    """The finished output at ``final_dir``; ``tags`` go on the MLflow run that produced it."""
+    result = StageResult.load(final_dir)
+    if tags and result.info.get("mlflow_run_id"):
+        Tracker.attach(config.run, root, result.info["mlflow_run_id"]).set_tags(tags)
+    _publish_pointer(result, config, root)
+    print(f"[alignflow] {stage}: cache hit, output at {final_dir}")
     return result
 
 

@@ -20,7 +20,7 @@ from stages.generation import sample
 from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, throughput_metrics, train_resuming, trainer_args, weight_change
+from stages.training import throughput_metrics, train_resuming, trainer_args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,12 +108,11 @@ def run(ctx: StageContext) -> StageOutput:
         peft_config=peft_config(ctx.config.model.lora, "CAUSAL_LM"),
         callbacks=ctx.callbacks(),
     )
-    before = snapshot_trainable(trainer.model)
-    train_output, resumed = train_resuming(trainer, ctx)
+    train_output, resumed, change = train_resuming(trainer, ctx)
     tokens = int(sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * cfg.epochs)
     metrics = {
         **throughput_metrics(train_output, tokens, trainer.model, resumed),
-        "weight_change": weight_change(trainer.model, before),
+        "weight_change": change,
         "train_rows": float(len(rows)),
     }
 

@@ -52,13 +52,17 @@ def train_resuming(trainer, ctx: StageContext):
 
     A checkpoint is complete when its ``trainer_state.json`` is there: the Trainer writes it last, so a
     process killed in the middle of a save leaves a checkpoint without it, which is removed here.
-    Returns the Trainer's output and the step it resumed from (0: from the start).
+    Returns the Trainer's output, the step it resumed from (0: from the start) and the weight change
+    (L2 norm of the trainable weights' change over the whole run, resumed steps included: the snapshot is
+    the trainer's initial weights, taken before any checkpoint is loaded).
     """
+    before = snapshot_trainable(trainer.model)
     last = last_checkpoint(ctx.checkpoint_dir)
     step = json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
     if last:
         print(f"[alignflow] {ctx.name}: resuming from step {step} ({last})")
-    return trainer.train(resume_from_checkpoint=str(last) if last else None), step
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    return output, step, weight_change(trainer.model, before)
 
 
 def last_checkpoint(directory: Path) -> Path | None:
@@ -139,11 +143,10 @@ def train_on_pairs(ctx: StageContext, section: str, config_class, trainer_class,
         peft_config=peft_config(ctx.config.model.lora, "CAUSAL_LM"),
         callbacks=ctx.callbacks(),
     )
-    before = snapshot_trainable(trainer.model)
-    train_output, resumed = train_resuming(trainer, ctx)
+    train_output, resumed, change = train_resuming(trainer, ctx)
     metrics = {
         **throughput_metrics(train_output, pair_tokens(trainer), trainer.model, resumed),
-        "weight_change": weight_change(trainer.model, before),
+        "weight_change": change,
         "train_pairs": float(len(trainer.train_dataset)),
         **final_evaluation(trainer),
     }
@@ -271,11 +274,10 @@ def train_online(ctx: StageContext, section: str, config_class, trainer_class) -
         peft_config=peft_config(ctx.config.model.lora, "CAUSAL_LM"),
         callbacks=ctx.callbacks(),
     )
-    before = snapshot_trainable(trainer.model)
-    train_output, resumed = train_resuming(trainer, ctx)
+    train_output, resumed, change = train_resuming(trainer, ctx)
     metrics = {
         **online_metrics(trainer, train_output, len(prompts), dropped, resumed),
-        "weight_change": weight_change(trainer.model, before),
+        "weight_change": change,
     }
 
     # Save
