@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,13 @@ class RunConfig(Section):
     num_threads: int | None = Field(default=None, ge=1)
     # Mixed precision for training and rollouts: weights and optimiser stay float32, matmuls run in
     # bf16/fp16 under torch.autocast (CPUs with AVX512-BF16/AMX and GPUs run them several times faster).
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 where the device computes it natively (see stages.models.resolve_precision), else no.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: object) -> object:
+        return "no" if value is False else value  # YAML and `--set run.mixed_precision=no` read `no` as false
 
 
 class LoraConfig(Section):
@@ -331,6 +337,7 @@ class LaunchConfig(Section):
     num_processes: int = Field(default=1, ge=1)
     # accelerate's --mixed_precision; null: run.mixed_precision (the stages autocast by that one)
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    _unquoted_no = field_validator("mixed_precision", mode="before")(RunConfig._unquoted_no.__func__)
     config_file: str | None = None  # an accelerate config file (relative to the project root), e.g. FSDP
     main_process_port: int | None = Field(default=None, ge=1, le=65535)  # null: a free port
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from stages.config import GenerationConfig
-from stages.losses import entropy_from_logits, gather_log_probs
-from stages.models import process_group
+from stages.losses import gather_log_probs
+from stages.models import backbone, process_group
 
 Messages = list[dict[str, str]]
 
@@ -123,24 +124,29 @@ def sample(
             torch.manual_seed(seed + 1_000_003 * number)
             batch = jobs[batches[number] : batches[number] + generation.batch_size]
             ids, mask = _left_pad([rendered[i] for i, _ in batch], pad_id, device)
+            sampler = TokenSampler(generation.temperature, generation.top_p)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                do_sample=True,
-                temperature=generation.temperature,
-                top_p=generation.top_p,
-                top_k=0,
+                do_sample=False,  # the sampler below draws the token; greedy decoding then takes it
+                logits_processor=LogitsProcessorList([sampler]),
                 max_new_tokens=generation.max_new_tokens,
                 pad_token_id=pad_id,
                 use_cache=True,
-                output_logits=with_logprobs,
+                # preallocated in the weights' dtype (no growing concatenation per step); autocast's keys
+                # and values have another dtype, so the dynamic cache then
+                cache_implementation=None if torch.is_autocast_enabled(device.type) else "static",
+                disable_compile=True,
                 return_dict_in_generate=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
             new_tokens = out.sequences[:, ids.shape[1]:]  # (b, T)
             for job, row in zip(batch, new_tokens.tolist(), strict=True):
                 results[job] = _trim_response(row, eos_ids, pad_id)
             if with_logprobs:
-                logprobs, entropies = _step_statistics(out.logits, new_tokens, generation.temperature)
+                logprobs, entropies = sampler.statistics()  # (b, T) each
                 for j, job in enumerate(batch):
                     length = len(results[job][0])
                     token_stats[job] = logprobs[j, :length].tolist(), entropies[j, :length].tolist()
@@ -167,18 +173,51 @@ def sample(
     )
 
 
-def _step_statistics(step_logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per generated token: log-prob of the sampled token and entropy, both at ``temperature``.
+class TokenSampler(LogitsProcessor):
+    """Draws each next token from softmax(logits / temperature), nucleus-filtered when ``top_p`` < 1.
 
-    step_logits: T tensors (b, V), the raw logits of each generation step.
-    tokens: (b, T) the sampled tokens.
-    Returns two (b, T) float32 tensors.
+    Used as ``generate``'s only logits processor with greedy decoding: it returns scores that are
+    -inf except at the drawn token. It replaces transformers' sampling step for speed on CPU:
+    one log-softmax per step gives the sampling distribution, the token's log-prob and the
+    entropy, without keeping every step's logits, and ``torch.multinomial`` with replacement
+    (inverse CDF) instead of an exponential draw per vocabulary entry. The log-probs and entropies
+    are of the temperature-scaled distribution before nucleus filtering, which is what PPO's
+    forward passes compute. Draws use torch's global generator, so ``torch.manual_seed`` fixes them.
     """
-    logits = torch.stack(step_logits, dim=1).float()  # (b, T, V); bf16/fp16 under autocast, upcast
-    logprobs = gather_log_probs(logits, tokens, temperature)  # (b, T)
-    entropies = entropy_from_logits(logits / temperature)  # (b, T)
-    return logprobs.float(), entropies.float()
+
+    def __init__(self, temperature: float, top_p: float = 1.0):
+        self.temperature, self.top_p = temperature, top_p
+        self.logprobs: list[torch.Tensor] = []  # per step: (b,) log-prob of the drawn token
+        self.entropies: list[torch.Tensor] = []  # per step: (b,) entropy of the step's distribution
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores: (b, V) raw next-token logits -> (b, V), 0 at the drawn token and -inf elsewhere."""
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (b, V)
+        probs = logprobs.exp()  # (b, V)
+        self.entropies.append(-(probs * logprobs).sum(-1))
+        tokens = torch.multinomial(nucleus(probs, self.top_p), 1, replacement=True)  # (b, 1)
+        self.logprobs.append(logprobs.gather(-1, tokens).squeeze(-1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T) float32 log-probs of the drawn tokens and (b, T) entropies, T = steps generated."""
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropies, dim=1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(b, V) probabilities -> the same with everything outside the top-``top_p`` nucleus set to 0.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (always at
+    least the most likely token), as transformers' ``TopPLogitsWarper`` keeps it. Not renormalised:
+    ``torch.multinomial`` takes unnormalised weights.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (b, V)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (b, V) mass of the more likely tokens
+    keep_sorted = mass_before < top_p  # (b, V); the first token always has mass_before 0
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return torch.where(keep, probs, 0.0)
 
 
 @torch.no_grad()
@@ -207,19 +246,61 @@ def sequence_log_probs(model, prompt_ids: list[list[int]], response_ids: list[li
     return torch.cat(totals) if totals else torch.zeros(0)
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the longest common prefix of ``rows``, leaving every row at least one token after it."""
+    length = min(len(row) for row in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+    return max(length, 0)
+
+
+def prefix_inputs(backbone, prefix_ids: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Keyword arguments for a forward pass over ``[prefix | input_ids]`` that runs the prefix once.
+
+    prefix_ids: (C,) tokens every row starts with; input_ids, mask: (B, L) the rest of each row,
+    left-padded (mask bool or 0/1). The prefix goes through ``backbone`` (the model's transformer
+    body) as a single row and its key/value cache is repeated over the batch: the rows then attend
+    to it as if each had been given the prefix itself, while the projections and MLPs of the prefix
+    tokens run once instead of B times. Gradients flow through the cache into the prefix
+    computation. Positions count real tokens only, as ``generate`` counts them under left padding.
+    With an empty prefix these are the plain inputs.
+    """
+    batch, prefix_length = input_ids.shape[0], prefix_ids.shape[0]
+    mask = mask.long()
+    inputs: dict = {"input_ids": input_ids, "use_cache": False}
+    if prefix_length:
+        cache = backbone(input_ids=prefix_ids[None], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(batch)
+        inputs |= {"past_key_values": cache, "use_cache": True}
+        mask = torch.cat([mask.new_ones(batch, prefix_length), mask], dim=1)  # (B, C + L)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_length:]  # (B, L)
+    return inputs | {"attention_mask": mask, "position_ids": position_ids}
+
+
 @torch.no_grad()
 def reward_scores(reward_model, tokenizer, conversations: list[Messages], *, batch_size: int = 16) -> torch.Tensor:
     """The reward model's scalar score of each whole conversation: (N,) float32 on the CPU.
 
     Conversations are rendered with the chat template exactly as TRL's RewardTrainer renders its
-    training pairs, so the score is read at the same position it was trained at.
+    training pairs, so the score is read at the same position it was trained at. The tokens all
+    conversations share (system prompt, instruction) go through the model once per batch (see
+    :func:`prefix_inputs`), and batches are formed by length so they carry little padding.
     """
     reward_model.eval()
+    if not conversations:
+        return torch.zeros(0)
     device = next(reward_model.parameters()).device
     rows = [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"])
             for c in conversations]
-    scores: list[torch.Tensor] = []
+    prefix_length = shared_prefix_length(rows)
+    prefix = torch.tensor(rows[0][:prefix_length], dtype=torch.long, device=device)  # (C,)
+    body = backbone(reward_model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    scores = torch.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[start : start + batch_size], tokenizer.pad_token_id, device)
-        scores.append(reward_model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+        chunk = order[start : start + batch_size]
+        ids, mask = _left_pad([rows[i][prefix_length:] for i in chunk], tokenizer.pad_token_id, device)
+        logits = reward_model(**prefix_inputs(body, prefix, ids, mask)).logits  # (b, 1)
+        scores[chunk] = logits[:, 0].float().cpu()
+    return scores

@@ -58,10 +58,12 @@ def launch(ctx) -> object:
 
 def launch_command(config, root: Path, device: str, spec: Path) -> list[str]:
     """The ``accelerate launch`` command line for ``config.launch`` (DDP when no config file is given)."""
+    from stages.models import resolve_precision
+
     launch_cfg = config.launch
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch_cfg.num_processes),
                "--num_machines", "1", "--dynamo_backend", "no",
-               "--mixed_precision", launch_cfg.mixed_precision or config.run.mixed_precision,
+               "--mixed_precision", launch_cfg.mixed_precision or resolve_precision(config.run),
                "--main_process_port", str(launch_cfg.main_process_port or _free_port())]
     if launch_cfg.config_file:
         path = (root / launch_cfg.config_file).resolve()

@@ -232,13 +232,15 @@ def source_fingerprint(source: str | None, root: Path) -> str | None:
 
 def stage_key(stage: str, config: Config, inputs: dict[str, StageResult], root: Path | None = None) -> str:
     """The cache key; with ``root``, the local data sources the stage reads (``StageSpec.sources``) join it."""
+    from stages.models import resolve_precision
+
     payload = {
         "stage": stage,
         "code": code_version(stage),
         "params": stage_params(config, stage),
         "seed": config.run.seed,
         # numerics of the model stages: autocast changes what they compute
-        "precision": config.run.mixed_precision if STAGES[stage].trains else None,
+        "precision": resolve_precision(config.run) if STAGES[stage].trains else None,
         "inputs": {name: inputs[name].content_key for name in sorted(inputs)},
     }
     sources = [source_fingerprint(source, root) for source in STAGES[stage].sources(config)] if root else []
@@ -337,20 +339,26 @@ def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], ro
                   final_dir: Path, *, parent_run_id: str | None, track: bool, device: torch.device | None,
                   tags: dict[str, str] | None) -> StageResult:
     """Run the stage into ``.staging-<key>-<pid>`` and rename that into place when it is complete."""
-    from stages.models import resolve_device
+    from stages.models import resolve_device, resolve_precision
 
     staging = final_dir.parent / f".staging-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    precision = resolve_precision(config.run) if STAGES[stage].trains else None
     tracker = (
         Tracker.start(
             config.run, root, stage, parent_run_id=parent_run_id,
-            tags={"alignflow.stage": stage, "alignflow.cache_key": key, **(tags or {})},
+            tags={"alignflow.stage": stage, "alignflow.cache_key": key, **(tags or {}),
+                  **({"alignflow.precision": precision} if precision else {})},
         )
         if track
         else None
     )
     ctx = StageContext(stage, config, inputs, staging, root, device or resolve_device(config.run), tracker)
+    if precision:
+        how = f" (run.mixed_precision {config.run.mixed_precision})" if config.run.mixed_precision == "auto" else ""
+        print(f"[alignflow] {stage}: {ctx.device.type}, matmul precision "
+              f"{'float32' if precision == 'no' else precision}{how}")
     started = time.perf_counter()
     try:
         if tracker is not None:

@@ -13,7 +13,14 @@ import torch
 
 from stages.config import OnlineRLConfig, TrainConfig
 from stages.judges import GOLD_JUDGES, gold_judge
-from stages.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config, save_model
+from stages.models import (
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    peft_config,
+    resolve_precision,
+    save_model,
+)
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
 
@@ -39,8 +46,8 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "report_to": "none",
         "seed": ctx.config.run.seed,
         "use_cpu": ctx.device.type == "cpu",
-        "bf16": ctx.config.model.dtype == "bfloat16" or ctx.config.run.mixed_precision == "bf16",
-        "fp16": ctx.config.model.dtype == "float16" or ctx.config.run.mixed_precision == "fp16",
+        "bf16": ctx.config.model.dtype == "bfloat16" or resolve_precision(ctx.config.run) == "bf16",
+        "fp16": ctx.config.model.dtype == "float16" or resolve_precision(ctx.config.run) == "fp16",
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         **extra,

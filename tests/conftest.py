@@ -49,7 +49,9 @@ def tiny_params(model_dir: Path, project: Path, **sections) -> dict:
     generation = {"max_new_tokens": 16, "temperature": 1.5, "top_p": 1.0, "batch_size": 16}
     train = {"batch_size": 4, "max_length": 96, "logging_steps": 1, "learning_rate": 1e-3}
     params = {
-        "run": {"seed": 0, "device": "cpu", "tracking_uri": "sqlite:///mlflow.db", "num_threads": 2},
+        "run": {"seed": 0, "device": "cpu", "tracking_uri": "sqlite:///mlflow.db", "num_threads": 2,
+                # float32 whatever the CPU: tests compare weights and log-probs at float32 tolerances
+                "mixed_precision": "no"},
         "model": {"name": str(model_dir), "cache_dir": str(project / "model-cache"),
                   "lora": {"r": 4, "alpha": 8}},
         "data": {"eval_fraction": 0.25, "max_rows": 48},

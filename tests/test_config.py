@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from stages.config import Config, ConfigError, load_config, parse_override, stage_params
+from stages.models import resolve_precision
 from stages.runner import STAGES, pipeline_order, stage_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,8 +99,12 @@ def test_cache_keys_follow_params_sections():
     assert stage_key("dpo", base, {}) != stage_key("dpo", changed, {})
     assert stage_key("dpo_reference", base, {}) == stage_key("dpo_reference", changed, {})  # shared by a sweep
     bf16 = load_config(REPO / "params.yaml", ["run.mixed_precision=bf16"])
-    assert stage_key("sft", base, {}) != stage_key("sft", bf16, {})  # other numerics, other output
-    assert stage_key("prepare", base, {}) == stage_key("prepare", bf16, {})
+    fp32 = load_config(REPO / "params.yaml", ["run.mixed_precision=no"])
+    assert stage_key("sft", fp32, {}) != stage_key("sft", bf16, {})  # other numerics, other output
+    assert stage_key("prepare", fp32, {}) == stage_key("prepare", bf16, {})
+    # auto is keyed by what it resolves to on this machine: the same numerics share one output
+    resolved = {"bf16": bf16, "no": fp32}[resolve_precision(base.run)]
+    assert base.run.mixed_precision == "auto" and stage_key("sft", base, {}) == stage_key("sft", resolved, {})
     cut = load_config(REPO / "params.yaml", ["dpo.max_length=64"])
     assert stage_key("dpo_reference", base, {}) != stage_key("dpo_reference", cut, {})
     assert pipeline_order(base) == ["prepare", "base", "sft", "label", "reward", "dpo_reference", "dpo", "evaluate"]
@@ -167,3 +172,25 @@ def test_secrets_in_the_environment_never_reach_mlflow(tmp_path, tiny_model_dir,
                                                                           str(tmp_path))).read_text()))
     assert len(recorded) > 10
     assert not [name for name, value in recorded if SECRET in str(value)]
+
+
+def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(monkeypatch):
+    import torch
+
+    from stages import models
+
+    run = load_config(REPO / "params.yaml").run
+    assert run.mixed_precision == "auto"
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(models, "native_bf16", lambda device, native=native: native)
+        assert models.resolve_precision(run) == expected
+        assert models.autocast(run, torch.device("cpu")).fast_dtype == torch.bfloat16
+        assert models.autocast(run, torch.device("cpu"))._enabled is native
+    monkeypatch.undo()
+    for explicit in ("no", "bf16", "fp16"):  # an explicit setting is never second-guessed
+        assert models.resolve_precision(load_config(REPO / "params.yaml", [f"run.mixed_precision={explicit}"]).run) \
+            == explicit
+    # this machine: the probe agrees with what the CPU advertises
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if flags and not torch.cuda.is_available():
+        assert models.native_bf16(torch.device("cpu")) == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
