@@ -6,7 +6,9 @@
    linear layers, rollout batch 32, 48 new tokens, 2 PPO epochs, 4 minibatches, an untrained reward
    model and critic from the base weights), with the wall time split into generation, scoring,
    reference/critic forward passes and optimisation, and the peak RSS of this process; in float32
-   (like for like with the peer) and with bf16 autocast (``run.mixed_precision: bf16``).
+   (like for like with the peer's default) and with bf16 autocast (``run.mixed_precision: bf16``).
+   alignflow's default, ``run.mixed_precision: auto``, is one of the two on any machine (bf16 where the
+   device computes it natively): the report names which, and gives the default-vs-default ratio.
 3. The same shape on TRL 1.12's PPOTrainer (the last TRL with PPO), in its own virtual
    environment (`.bench/trl112`, created on first use), via ../shared/bench/ppo_baseline_trl112.py:
    once on its own prompts (4 short raw openings, ~8 tokens) and once with that script's prompt line
@@ -157,9 +159,14 @@ def main() -> None:
 
     from stages.models import resolve_base
 
+    from stages.models import resolve_precision
+
     config = bench_config(args.updates)
     model_dir = resolve_base(config.model)
-    report: dict = {"generation": generation_throughput(model_dir, config)}
+    default = resolve_precision(bench_config(args.updates, "auto").run)  # what `auto` is on this machine
+    default_key = {"no": "alignflow", "bf16": "alignflow_bf16"}[default]
+    report: dict = {"default_precision": "float32" if default == "no" else default,
+                    "generation": generation_throughput(model_dir, config)}
     report["alignflow"] = ours(model_dir, config)
     report["alignflow_bf16"] = ours(model_dir, bench_config(args.updates, "bf16"))
     if not args.skip_peer:
@@ -175,6 +182,9 @@ def main() -> None:
         # like for like in precision too: both bf16 autocast, same prompts
         report["ratio_alignflow_bf16_vs_trl_bf16_same_prompts"] = (
             report["alignflow_bf16"]["time/update_mean"] / report["trl_1_12_bf16_on_our_prompts"]["seconds_per_update"])
+        # each at its default precision (TRL's: float32), same prompts
+        report["ratio_default_vs_trl_default_same_prompts"] = (
+            report[default_key]["time/update_mean"] / report["trl_1_12_on_our_prompts"]["seconds_per_update"])
     out = ROOT / "bench-results" / f"ppo-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -198,6 +208,8 @@ def main() -> None:
         print(f"TRL 1.12 PPO with bf16=True on alignflow's prompts: "
               f"{report['trl_1_12_bf16_on_our_prompts']['seconds_per_update']:.1f} s/update; ratio alignflow bf16 / "
               f"TRL bf16, same prompts: {report['ratio_alignflow_bf16_vs_trl_bf16_same_prompts']:.2f}")
+        print(f"each at its default precision (alignflow run.mixed_precision auto = {report['default_precision']} "
+              f"here, TRL float32), same prompts: ratio {report['ratio_default_vs_trl_default_same_prompts']:.2f}")
 
 
 if __name__ == "__main__":

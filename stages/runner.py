@@ -123,6 +123,7 @@ class StageSpec:
     inputs: Callable[[Config], tuple[str, ...]]
     trains: bool = False  # uses the model (GPU when there is one): tagged `gpu` in the flows
     launchable: bool = False  # a training loop that runs data-parallel under `accelerate launch`
+    autocasts: bool = False  # computes under run.mixed_precision (label, evaluate and score stay float32)
     code: tuple[str, ...] = ()  # other stage modules it imports, part of its code version
     # data sources it reads besides its inputs (paths under the root, hub ids); local ones join its cache key
     sources: Callable[[Config], tuple[str | None, ...]] = lambda c: ()
@@ -149,22 +150,24 @@ def _policies(config: Config) -> tuple[str, ...]:
     return {"dpo": ("dpo",), "ppo": ("ppo",), "both": ("dpo", "ppo")}[config.run.method]
 
 
+TRAINING = {"trains": True, "autocasts": True, "launchable": True}  # a training loop (TRL's or PPO's)
+
 STAGES: dict[str, StageSpec] = {
     "base": StageSpec("base", lambda c: ()),
     "prepare": StageSpec("prepare", lambda c: (), sources=lambda c: (c.data.source,)),
     "prepare_sft": StageSpec("prepare_sft", lambda c: (), code=("prepare.py",), sources=lambda c: (c.data.sft_source,)),
-    "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), trains=True, launchable=True),
+    "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), **TRAINING),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
-    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True),
-    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True,
+    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), **TRAINING),
+    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True, autocasts=True,
                                code=("reward.py",)),
-    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), trains=True, launchable=True,
+    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), **TRAINING,
                      code=("reward.py", "dpo_reference.py")),
-    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
-    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True, code=("reward.py",)),
-    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), trains=True, launchable=True, code=("reward.py",)),
-    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
-    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), trains=True, launchable=True),
+    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
+    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), **TRAINING, code=("reward.py",)),
+    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), **TRAINING, code=("reward.py",)),
+    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
+    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
     "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
     # one policy (input "policy"; the SFT model when there is none) scored like evaluate scores each
     "score": StageSpec("score", lambda c: ("prepare", "sft", "reward"), trains=True, code=("evaluate.py",)),
@@ -240,7 +243,7 @@ def stage_key(stage: str, config: Config, inputs: dict[str, StageResult], root: 
         "params": stage_params(config, stage),
         "seed": config.run.seed,
         # numerics of the model stages: autocast changes what they compute
-        "precision": resolve_precision(config.run) if STAGES[stage].trains else None,
+        "precision": resolve_precision(config.run) if STAGES[stage].autocasts else None,
         "inputs": {name: inputs[name].content_key for name in sorted(inputs)},
     }
     sources = [source_fingerprint(source, root) for source in STAGES[stage].sources(config)] if root else []
@@ -344,7 +347,7 @@ def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], ro
     staging = final_dir.parent / f".staging-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    precision = resolve_precision(config.run) if STAGES[stage].trains else None
+    precision = resolve_precision(config.run) if STAGES[stage].autocasts else None
     tracker = (
         Tracker.start(
             config.run, root, stage, parent_run_id=parent_run_id,
