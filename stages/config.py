@@ -156,7 +156,7 @@ class PPOConfig(Section):
     mini_batch_size: int = Field(default=8, ge=1)
     ppo_epochs: int = Field(default=2, ge=1)
     max_prompts: int | None = Field(default=None, ge=1)
-    learning_rate: float = Field(default=3e-5, gt=0.0)
+    learning_rate: float = Field(default=1e-4, gt=0.0)  # LoRA; full fine-tuning wants ~1e-5
     value_learning_rate: float = Field(default=1e-4, gt=0.0)
     kl_coef: float = Field(default=0.05, ge=0.0)
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
@@ -169,7 +169,7 @@ class PPOConfig(Section):
     clip_range_value: float = Field(default=0.2, gt=0.0)
     value_coef: float = Field(default=0.1, ge=0.0)
     whiten_rewards: bool = False
-    missing_eos_penalty: float | None = -1.0
+    missing_eos_penalty: float | None = None
     ref_ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     checkpoint_every: int = Field(default=5, ge=1)

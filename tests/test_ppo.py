@@ -144,11 +144,29 @@ def test_gold_reward_with_ema_reference_starts_every_update_at_ratio_one(tmp_pat
 
     assert metrics["weight_change"] > 0
     for _, logged in tracker.calls:
-        assert -2.0 <= logged["ppo/score_mean"] <= 1.0  # VADER in [-1, 1], plus the -1 missing-EOS penalty
+        assert -1.0 <= logged["ppo/score_mean"] <= 1.0  # VADER in [-1, 1]; no missing-EOS penalty by default
         assert logged["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-7)
         assert logged["ppo/clip_fraction"] == 0.0
     checkpoint = tmp_path / "outputs" / "checkpoints" / "ppo" / "cachekey" / "update-000002"
     assert (checkpoint / "reference_ema.safetensors").is_file()
+
+
+def test_missing_eos_penalty_is_added_to_exactly_the_responses_without_eos(tmp_path, tiny_model_dir, inputs):
+    from stages.generation import _eos_ids
+
+    scores, ended = [], None
+    for penalty in (None, -0.75):
+        ctx = make_ctx(tmp_path / str(penalty), tiny_model_dir, inputs, data={"task": "sentiment"},
+                       ppo_params={"reward_source": "gold", "missing_eos_penalty": penalty,
+                                   "generation": SMALL_PPO["generation"] | {"max_new_tokens": 3}})
+        models = ppo.build_models(ctx)
+        prompts = ppo.load_prompts(ctx.inputs["prepare"].path / "train.jsonl", None)[:4]
+        rollout, _ = ppo.collect_rollout(models, prompts, ctx.config.ppo, 0.05, seed=7, device=ctx.device)
+        scores.append(rollout.scores)
+        last = rollout.sequences.response_ids.gather(1, rollout.sequences.response_mask.sum(-1, keepdim=True) - 1)
+        ended = torch.isin(last[:, 0], torch.tensor(sorted(_eos_ids(models.policy, models.tokenizer))))
+    assert not ended.all()  # 3 tokens: some responses are cut (a random tiny model rarely says EOS)
+    torch.testing.assert_close(scores[1], torch.where(ended, scores[0], scores[0] - 0.75))
 
 
 def test_gold_reward_needs_a_task_with_a_gold_judge(tmp_path, tiny_model_dir, inputs):
