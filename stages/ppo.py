@@ -35,8 +35,9 @@ Design choices:
   trained with its own LoRA adapter (head in ``modules_to_save``) or in full. The reward model used
   for scoring is a separate frozen copy.
 - Dropout is off: models stay in eval mode throughout (N+ detail), so the first mini-batch step of
-  every update starts from ratio exactly 1. Log-probs account for the temperature but not for
-  ``top_p``: keep ``ppo.generation.top_p`` at 1.0, as the N+ reference does, for exact ratios.
+  every update starts from ratio 1 (to ~1e-5 in float32; under bf16 autocast sampling and training
+  round differently, a mean |log-ratio| of ~0.04 on the bench shape). Log-probs account for the
+  temperature but not for ``top_p``: keep ``ppo.generation.top_p`` at 1.0, as the N+ reference does, for exact ratios.
 - Checkpoints live in ``<run.output_dir>/checkpoints/ppo/<cache key>/update-NNNNNN/``, outside the
   staging directory that the runner deletes when a stage fails: trainable weights of policy and
   critic (and the EMA reference) as safetensors, both optimiser states (``torch.save``, loaded with
