@@ -157,9 +157,7 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     args = parser.parse_args()
 
-    from stages.models import resolve_base
-
-    from stages.models import resolve_precision
+    from stages.models import resolve_base, resolve_precision
 
     config = bench_config(args.updates)
     model_dir = resolve_base(config.model)

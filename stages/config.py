@@ -33,6 +33,11 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+def _precision_no(value: object) -> object:
+    """YAML (and ``--set run.mixed_precision=no``) reads an unquoted ``no`` as false: it means "no"."""
+    return "no" if value is False else value
+
+
 class RunConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -48,11 +53,7 @@ class RunConfig(Section):
     # bf16/fp16 under torch.autocast (CPUs with AVX512-BF16/AMX and GPUs run them several times faster).
     # auto: bf16 where the device computes it natively (see stages.models.resolve_precision), else no.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value: object) -> object:
-        return "no" if value is False else value  # YAML and `--set run.mixed_precision=no` read `no` as false
+    _unquoted_no = field_validator("mixed_precision", mode="before")(lambda value: _precision_no(value))
 
 
 class LoraConfig(Section):
@@ -337,7 +338,7 @@ class LaunchConfig(Section):
     num_processes: int = Field(default=1, ge=1)
     # accelerate's --mixed_precision; null: run.mixed_precision (the stages autocast by that one)
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    _unquoted_no = field_validator("mixed_precision", mode="before")(RunConfig._unquoted_no.__func__)
+    _unquoted_no = field_validator("mixed_precision", mode="before")(lambda value: _precision_no(value))
     config_file: str | None = None  # an accelerate config file (relative to the project root), e.g. FSDP
     main_process_port: int | None = Field(default=None, ge=1, le=65535)  # null: a free port
 

@@ -124,7 +124,7 @@ def sample(
             torch.manual_seed(seed + 1_000_003 * number)
             batch = jobs[batches[number] : batches[number] + generation.batch_size]
             ids, mask = _left_pad([rendered[i] for i, _ in batch], pad_id, device)
-            sampler = TokenSampler(generation.temperature, generation.top_p)
+            sampler = TokenSampler(generation.temperature, generation.top_p, record=with_logprobs)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -185,8 +185,8 @@ class TokenSampler(LogitsProcessor):
     forward passes compute. Draws use torch's global generator, so ``torch.manual_seed`` fixes them.
     """
 
-    def __init__(self, temperature: float, top_p: float = 1.0):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float = 1.0, *, record: bool = True):
+        self.temperature, self.top_p, self.record = temperature, top_p, record  # record: keep log-probs, entropies
         self.logprobs: list[torch.Tensor] = []  # per step: (b,) log-prob of the drawn token
         self.entropies: list[torch.Tensor] = []  # per step: (b,) entropy of the step's distribution
 
@@ -194,9 +194,10 @@ class TokenSampler(LogitsProcessor):
         """scores: (b, V) raw next-token logits -> (b, V), 0 at the drawn token and -inf elsewhere."""
         logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (b, V)
         probs = logprobs.exp()  # (b, V)
-        self.entropies.append(-(probs * logprobs).sum(-1))
         tokens = torch.multinomial(nucleus(probs, self.top_p), 1, replacement=True)  # (b, 1)
-        self.logprobs.append(logprobs.gather(-1, tokens).squeeze(-1))
+        if self.record:
+            self.entropies.append(-(probs * logprobs).sum(-1))
+            self.logprobs.append(logprobs.gather(-1, tokens).squeeze(-1))
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:

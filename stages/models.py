@@ -14,6 +14,7 @@ Weights load as safetensors only (``use_safetensors=True``), so no pickle is eve
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -66,6 +67,7 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
+@functools.cache
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls natively: a CUDA GPU with bf16 (Ampere and later), or a CPU
     with AVX512-BF16 or AMX (there bf16 matmuls run ~4x faster than float32)."""
@@ -77,17 +79,17 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(run: RunConfig) -> str:
-    """``run.mixed_precision`` with ``auto`` resolved for this machine: bf16 where the device computes
-    it natively (:func:`native_bf16`), else "no" (float32). The result joins every model stage's cache key."""
+def resolve_precision(run: RunConfig, device: torch.device | None = None) -> str:
+    """``run.mixed_precision`` with ``auto`` resolved for ``device`` (default: ``run.device``'s): bf16 where
+    it computes bf16 natively (:func:`native_bf16`), else "no" (float32). It joins every model stage's cache key."""
     if run.mixed_precision != "auto":
         return run.mixed_precision
-    return "bf16" if native_bf16(resolve_device(run)) else "no"
+    return "bf16" if native_bf16(device or resolve_device(run)) else "no"
 
 
 def autocast(run: RunConfig, device: torch.device) -> torch.autocast:
     """``torch.autocast`` for ``run.mixed_precision`` (resolved) on ``device`` (disabled for "no")."""
-    precision = resolve_precision(run)
+    precision = resolve_precision(run, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
     return torch.autocast(device.type, dtype=dtype, enabled=precision != "no")
 

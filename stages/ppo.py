@@ -481,7 +481,7 @@ def build_critic(ctx: StageContext) -> Critic:
             f"{ctx.inputs['reward'].model_dir}: {type(inner).__name__} has no 'score' head; the PPO critic "
             "needs a sequence-classification model with a linear 'score' head (Llama, Qwen, Mistral, GPT-2, ...)"
         )
-    return Critic(model=model, backbone=getattr(inner, inner.base_model_prefix), head=head)
+    return Critic(model=model, backbone=backbone(model), head=head)
 
 
 def enable_gradient_checkpointing(models: Models) -> None:

@@ -347,7 +347,8 @@ def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], ro
     staging = final_dir.parent / f".staging-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    precision = resolve_precision(config.run) if STAGES[stage].autocasts else None
+    device = device or resolve_device(config.run)
+    precision = resolve_precision(config.run, device) if STAGES[stage].autocasts else None
     tracker = (
         Tracker.start(
             config.run, root, stage, parent_run_id=parent_run_id,
@@ -357,7 +358,7 @@ def _run_uncached(stage: str, config: Config, inputs: dict[str, StageResult], ro
         if track
         else None
     )
-    ctx = StageContext(stage, config, inputs, staging, root, device or resolve_device(config.run), tracker)
+    ctx = StageContext(stage, config, inputs, staging, root, device, tracker)
     if precision:
         how = f" (run.mixed_precision {config.run.mixed_precision})" if config.run.mixed_precision == "auto" else ""
         print(f"[alignflow] {stage}: {ctx.device.type}, matmul precision "

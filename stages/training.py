@@ -27,6 +27,7 @@ from stages.runner import StageContext, StageOutput
 
 def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[str, Any]:
     """Keyword arguments common to TRL's *Config classes (all subclass transformers' TrainingArguments)."""
+    precision = resolve_precision(ctx.config.run, ctx.device)
     return {
         "output_dir": str(ctx.checkpoint_dir),
         "learning_rate": train.learning_rate,
@@ -46,8 +47,8 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "report_to": "none",
         "seed": ctx.config.run.seed,
         "use_cpu": ctx.device.type == "cpu",
-        "bf16": ctx.config.model.dtype == "bfloat16" or resolve_precision(ctx.config.run) == "bf16",
-        "fp16": ctx.config.model.dtype == "float16" or resolve_precision(ctx.config.run) == "fp16",
+        "bf16": ctx.config.model.dtype == "bfloat16" or precision == "bf16",
+        "fp16": ctx.config.model.dtype == "float16" or precision == "fp16",
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         **extra,
