@@ -11,7 +11,8 @@
    does); the reward model and the policy retrain, and the runner registers the new policy version.
 4. The promotion gate (``stages.promotion``): the new version gets the alias ``challenger``; the
    ``score`` stage samples it and the champion on the held-out prompts with the same seed (judged by
-   the gold judge, else by this run's reward model); it becomes ``champion`` only above the bar.
+   ``evaluate.judge``: the gold judge, else the held-out judge, a reward model trained on pairs no
+   policy saw); it becomes ``champion`` only above the bar.
 5. The decision, both scores, the versions and the data version go on the retrain's MLflow run (tags
    and metrics), on the model versions (tags) and into a Prefect markdown artifact.
 """
@@ -144,8 +145,7 @@ def _scores(role: str, version: str, policy: StageResult, config: Config, projec
     inputs = {name: results[name] for name in STAGES["score"].inputs(config)} | {"policy": policy}
     scored, _ = run_task("score", config, inputs, project, tracker, name=f"gate: score {role} v{version}",
                          tags={"alignflow.gate": role, "alignflow.model_version": str(version)})
-    judge = "gold" if scored.info["judged_by"] == "gold" else "rm"
-    return scored.info["judged_by"], [float(row[judge]) for row in read_jsonl(scored.path / scored.info["samples"])]
+    return scored.info["judged_by"], [float(row["judge"]) for row in read_jsonl(scored.path / scored.info["samples"])]
 
 
 # --------------------------------------------------------------------------------------------------

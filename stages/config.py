@@ -79,10 +79,20 @@ class DataConfig(Section):
     format: Literal["auto", "standard", "conversational", "hh", "prompt_only", "sft"] = "auto"
     split: str = "train"
     eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # share of the preference rows kept apart to train the held-out judge (evaluate.judge: held_out_rm), which
+    # no policy and no training reward model sees; 0 of them are carved out for any other judge
+    judge_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     max_rows: int | None = Field(default=None, ge=1)
     prepared_dir: str = "data/prepared"
     quarantine_dir: str = "data/quarantine"
     prompt_template: str = "Continue this movie review in one or two sentences: {text}"
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> DataConfig:
+        if self.eval_fraction + self.judge_fraction >= 1.0:
+            raise ValueError(f"data.eval_fraction ({self.eval_fraction}) + data.judge_fraction ({self.judge_fraction}) "
+                             "must stay below 1, so that rows are left to train on")
+        return self
     # SFT's own source, prepared by the prepare_sft stage: SFT then does not depend on data.source, so new
     # preference data (alignflow retrain) leaves the SFT model cached. None: SFT uses data.source.
     sft_source: str | None = None
@@ -106,6 +116,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     gradient_checkpointing: bool = False
     save_steps: int = Field(default=10, ge=0)  # optimiser steps between checkpoints (0: none)
+    seed: int | None = None  # this training run's seed (null: run.seed); compare.seeds sets it per run
 
 
 class SFTConfig(TrainConfig):
@@ -152,6 +163,7 @@ class PPOConfig(Section):
     """RLHF with PPO (Ziegler et al. 2019; Huang et al. 2024 "The N+ implementation details")."""
 
     reward_source: Literal["reward_model", "gold"] = "reward_model"
+    seed: int | None = None  # this training run's seed (null: run.seed); compare.seeds sets it per run
     updates: int = Field(default=10, ge=1)
     rollout_batch_size: int = Field(default=32, ge=1)
     mini_batch_size: int = Field(default=8, ge=1)
@@ -162,15 +174,20 @@ class PPOConfig(Section):
     kl_coef: float = Field(default=0.05, ge=0.0)
     kl_estimator: Literal["k1", "k3", "abs", "mse"] = "k1"
     adaptive_kl: bool = False
-    kl_target: float = Field(default=6.0, gt=0.0)
-    kl_horizon: int = Field(default=10000, ge=1)
+    # adaptive controller: beta moves by at most 0.2 * rollout_batch_size / kl_horizon per update (4% here);
+    # Ziegler et al.'s horizon of 10000 samples suits runs of millions of samples, not of a few hundred
+    kl_target: float = Field(default=1.0, gt=0.0)
+    kl_horizon: int = Field(default=160, ge=1)
     gamma: float = Field(default=1.0, gt=0.0, le=1.0)
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
     clip_range: float = Field(default=0.2, gt=0.0)
     clip_range_value: float = Field(default=0.2, gt=0.0)
-    value_coef: float = Field(default=0.1, ge=0.0)
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
+    # scores standardised by their mean and std over SFT samples drawn before training (Huang et al. 2024):
+    # the critic then starts on the reward's scale, and kl_coef means the same for every reward source
+    reward_normalization: Literal["sft", "none"] = "sft"
+    normalization_samples: int = Field(default=64, ge=2)
     ref_ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     checkpoint_every: int = Field(default=5, ge=1)
@@ -180,6 +197,12 @@ class PPOConfig(Section):
 
     @model_validator(mode="after")
     def _minibatches_divide(self) -> PPOConfig:
+        if self.generation.top_p < 1.0:
+            raise ValueError(
+                f"ppo.generation.top_p is {self.generation.top_p}: PPO's ratio is taken over the full "
+                "temperature-scaled distribution and ignores the nucleus, so its rollouts must sample from all "
+                "of it; set ppo.generation.top_p to 1.0"
+            )
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
@@ -231,10 +254,19 @@ class OnlineRLConfig(TrainConfig):
         return self
 
 
+JUDGE_CHOICES = ("auto", "gold", "held_out_rm", "training_rm")
+
+
 class EvaluateConfig(Section):
     max_prompts: int = Field(default=64, ge=1)
-    samples_per_prompt: int = Field(default=2, ge=1)
+    samples_per_prompt: int = Field(default=4, ge=1)
     num_examples: int = Field(default=20, ge=0)
+    # What scores the policies: auto (the task's gold judge, else held_out_rm) | gold | held_out_rm (a reward
+    # model trained on data.judge_fraction of the pairs, which no policy sees) | training_rm (the reward
+    # model PPO trains against: not independent, marked so everywhere) | a path or hub id of a
+    # sequence-classification reward model
+    judge: str = Field(default="auto", min_length=1)
+    implicit_max_pairs: int = Field(default=128, ge=0)  # held-out pairs for the implicit-reward accuracy (0: off)
     generation: GenerationConfig = GenerationConfig()
 
 
@@ -246,16 +278,22 @@ class CompareConfig(Section):
 
     Each entry overrides one key of its method's own section (``dpo.beta``, ``ppo.kl_coef``, ...);
     every other setting comes from that section, so a grid point is exactly ``alignflow run`` with
-    ``--set section.key=value``, cached under the same key.
+    ``--set section.key=value``, cached under the same key. Each method is a curve over its settings
+    (the DPO paper's Fig. 2); ``seeds`` trains every point once per training seed.
     """
 
     sweep: str = "default"  # a name for this grid; tagged on every run of it (alignflow.sweep)
-    dpo_beta: list[float] = [0.1, 0.5]
+    dpo_beta: list[float] = [0.05, 0.1, 0.5]
     dpo_loss_types: list[str] = ["sigmoid"]
-    ppo_kl_coef: list[float] = [0.05]
-    ppo_gold: bool = True
+    ppo_kl_coef: list[float] = [0.05]  # PPO on the training reward model
+    ppo_gold_kl_coef: list[float] = [0.02, 0.05, 0.2]  # PPO on the gold judge ("PPO-GT", an oracle reference)
+    rloo_gold: bool = True  # RLOO on the gold judge: the critic-free oracle reference
     online: list[Literal["rloo", "grpo"]] = []
-    reference_free: list[Literal["simpo", "orpo"]] = ["simpo"]
+    reference_free: list[Literal["simpo", "orpo"]] = []
+    seeds: list[int] = []  # training seeds of every grid point (each sets <section>.seed); []: the section's own
+    # PPO-GT's updates and RLOO-GT's steps set so that they call the gold judge as often as labelling the
+    # pairs did (what DPO, the reward model and PPO on it were trained from)
+    equal_gold_budget: bool = True
     report_dir: str = "reports"
     max_examples: int = Field(default=8, ge=0)
 
@@ -264,7 +302,7 @@ class CompareConfig(Section):
         unknown = sorted(set(self.dpo_loss_types) - set(DPO_LOSS_TYPES))
         if unknown:
             raise ValueError(f"compare.dpo_loss_types: unknown {unknown}; TRL's DPO losses are {list(DPO_LOSS_TYPES)}")
-        for name in ("dpo_beta", "ppo_kl_coef"):
+        for name in ("dpo_beta", "ppo_kl_coef", "ppo_gold_kl_coef", "seeds"):
             values = getattr(self, name)
             if any(value < 0 for value in values) or len(set(values)) != len(values):
                 raise ValueError(f"compare.{name} must hold distinct values >= 0, got {values}")
@@ -385,11 +423,11 @@ class Config(Section):
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # The params sections each stage's cache key covers (besides its inputs' content keys).
     "base": ("model",),
-    "prepare": ("data",),
+    "prepare": ("data", "evaluate.judge"),  # the judge decides whether a judge split is carved out
     # data.sft_source, prepared as data.source is but in any row format and without max_rows
     "prepare_sft": ("data.sft_source", "data.split", "data.eval_fraction", "data.quarantine_dir"),
     "sft": ("model", "sft"),
-    "label": ("label", "data"),
+    "label": ("label", "data", "evaluate.judge"),
     "reward": ("model", "reward"),
     "dpo": ("model", "dpo"),
     "ppo": ("model", "ppo"),
@@ -400,6 +438,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate", "data"),
     # One policy (or the SFT model) scored on the held-out prompts, as evaluate scores each.
     "score": ("evaluate", "data"),
+    # the held-out judge: a reward model (the reward section's recipe) on the judge split of the pairs
+    "judge": ("model", "reward"),
     # The SFT model's log-probs of the DPO pairs: they depend on how pairs are cut, not on beta or the
     # loss, so every DPO run of a sweep shares them. "section.key" entries name single keys.
     "dpo_reference": ("model", "dpo.max_length"),

@@ -7,10 +7,13 @@ Used by the SFT (self-samples), label and evaluate stages. Prompts are chats (li
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from stages.config import GenerationConfig
@@ -125,23 +128,11 @@ def sample(
             batch = jobs[batches[number] : batches[number] + generation.batch_size]
             ids, mask = _left_pad([rendered[i] for i, _ in batch], pad_id, device)
             sampler = TokenSampler(generation.temperature, generation.top_p, record=with_logprobs)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,  # the sampler below draws the token; greedy decoding then takes it
-                logits_processor=LogitsProcessorList([sampler]),
-                max_new_tokens=generation.max_new_tokens,
-                pad_token_id=pad_id,
-                use_cache=True,
-                # preallocated in the weights' dtype (no growing concatenation per step); autocast's keys
-                # and values have another dtype, so the dynamic cache then
-                cache_implementation=None if torch.is_autocast_enabled(device.type) else "static",
-                disable_compile=True,
-                return_dict_in_generate=True,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            config = explicit_generation_config(generation, pad_id, eos_ids,
+                                                static_cache=not torch.is_autocast_enabled(device.type))
+            with own_generation_defaults(model):
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                     logits_processor=LogitsProcessorList([sampler]))
             new_tokens = out.sequences[:, ids.shape[1]:]  # (b, T)
             for job, row in zip(batch, new_tokens.tolist(), strict=True):
                 results[job] = _trim_response(row, eos_ids, pad_id)
@@ -171,6 +162,50 @@ def sample(
         logprobs=[token_stats[job][0] for job in order] if with_logprobs else None,
         entropies=[token_stats[job][1] for job in order] if with_logprobs else None,
     )
+
+
+def explicit_generation_config(generation: GenerationConfig, pad_id: int, eos_ids: set[int], *,
+                               static_cache: bool) -> HFGenerationConfig:
+    """The whole ``generate`` configuration, given explicitly instead of merged into the model's own.
+
+    ``generate`` otherwise starts from ``model.generation_config`` (``generation_config.json``), whose
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``top_k``, ``bad_words_ids``... would reshape the
+    distribution that :class:`TokenSampler` draws from, so the samples would come from another
+    policy than the one whose log-probs PPO trains and the KL is measured on. Greedy decoding over the
+    sampler's output takes the token it drew; nothing else touches the logits.
+    """
+    return HFGenerationConfig(
+        do_sample=False,  # the sampler draws the token; greedy decoding then takes it
+        max_new_tokens=generation.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) or None,
+        use_cache=True,
+        # preallocated in the weights' dtype (no growing concatenation per step); autocast's keys and
+        # values have another dtype, so the dynamic cache then
+        cache_implementation="static" if static_cache else None,
+        disable_compile=True,
+        return_dict_in_generate=True,
+    )
+
+
+@contextmanager
+def own_generation_defaults(model) -> Iterator[None]:
+    """The model's ``generation_config`` replaced by transformers' global defaults for the duration.
+
+    ``generate`` fills every key a passed config leaves unset from ``model.generation_config``, so an
+    explicit config alone does not keep a model's ``repetition_penalty`` or ``no_repeat_ngram_size``
+    out; with neutral defaults underneath, only what :func:`explicit_generation_config` says applies.
+    """
+    owners = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
+    owners = [owner for owner in owners if isinstance(getattr(owner, "generation_config", None), HFGenerationConfig)]
+    saved = [owner.generation_config for owner in owners]
+    for owner in owners:
+        owner.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        for owner, config in zip(owners, saved, strict=True):
+            owner.generation_config = config
 
 
 class TokenSampler(LogitsProcessor):
@@ -223,11 +258,14 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_log_probs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], *,
-                       pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    """Sum of the response tokens' log-probs under ``model``: (N,) float32 on the CPU.
+                       pad_id: int, temperature: float = 1.0, batch_size: int = 16) -> torch.Tensor:
+    """Sum of the response tokens' log-probs under ``model`` at ``temperature``: (N,) float32 on the CPU.
 
-    log pi(y|x) = sum_t log pi(y_t | x, y_<t); with the same samples scored under the policy and the
-    reference, their mean difference is a Monte-Carlo estimate of KL(pi || pi_ref).
+    log pi_T(y|x) = sum_t log softmax(logits_t / T)[y_t]. With samples drawn at temperature T and
+    scored under the policy and the reference at the same T, the mean difference is a Monte-Carlo
+    estimate of KL(pi_T || pi_ref,T): the KL between the two distributions that actually sample
+    (and the one PPO's penalty controls). T = 1 gives the models' own log-probs (DPO's implicit
+    reward). Computed in float32 whatever autocast the caller runs under.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -236,9 +274,10 @@ def sequence_log_probs(model, prompt_ids: list[list[int]], response_ids: list[li
         rows = [p + r for p, r in zip(prompt_ids[start : start + batch_size],
                                       response_ids[start : start + batch_size], strict=True)]
         ids, mask = _left_pad(rows, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
+        with torch.autocast(device.type, enabled=False):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
         labels = ids[:, 1:]  # (B, L-1)
-        token_logps = gather_log_probs(logits.float(), labels)  # (B, L-1)
+        token_logps = gather_log_probs(logits.float(), labels, temperature)  # (B, L-1)
         response_mask = torch.zeros_like(labels, dtype=torch.bool)
         for i, r in enumerate(response_ids[start : start + batch_size]):
             if r:
@@ -286,7 +325,9 @@ def reward_scores(reward_model, tokenizer, conversations: list[Messages], *, bat
     Conversations are rendered with the chat template exactly as TRL's RewardTrainer renders its
     training pairs, so the score is read at the same position it was trained at. The tokens all
     conversations share (system prompt, instruction) go through the model once per batch (see
-    :func:`prefix_inputs`), and batches are formed by length so they carry little padding.
+    :func:`prefix_inputs`), and batches are formed by length so they carry little padding. Always
+    float32, whatever autocast the caller runs under: bf16's spacing near a score of 1.7 (0.0078) is a
+    sizeable part of a reward model's typical margin between two responses.
     """
     reward_model.eval()
     if not conversations:
@@ -302,6 +343,51 @@ def reward_scores(reward_model, tokenizer, conversations: list[Messages], *, bat
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = _left_pad([rows[i][prefix_length:] for i in chunk], tokenizer.pad_token_id, device)
-        logits = reward_model(**prefix_inputs(body, prefix, ids, mask)).logits  # (b, 1)
+        with torch.autocast(device.type, enabled=False):
+            logits = reward_model(**prefix_inputs(body, prefix, ids, mask)).logits  # (b, 1)
         scores[chunk] = logits[:, 0].float().cpu()
     return scores
+
+
+def pair_accuracy(reward_model, tokenizer, rows: list[dict]) -> dict[str, float]:
+    """A reward model on held-out preference pairs: the share whose chosen conversation outscores the
+    rejected one (``eval_pair_accuracy``), the mean margin, and how many pairs (``eval_pairs``)."""
+    chosen = reward_scores(reward_model, tokenizer, [r["prompt"] + r["chosen"] for r in rows])
+    rejected = reward_scores(reward_model, tokenizer, [r["prompt"] + r["rejected"] for r in rows])
+    margins = (chosen - rejected).tolist()
+    return {
+        "eval_pair_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
+        "eval_reward_margin": sum(margins) / max(len(margins), 1),
+        "eval_pairs": float(len(margins)),
+    }
+
+
+def pair_token_ids(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Chat-rendered (prompt ids, chosen ids, rejected ids) of preference rows: each response is the
+    tokens the full conversation adds after the prompt with its generation header (what a policy
+    would have generated, end-of-turn token included)."""
+    prompts = render_prompts(tokenizer, [row["prompt"] for row in rows])
+    responses: dict[str, list[list[int]]] = {"chosen": [], "rejected": []}
+    for row, prompt_ids in zip(rows, prompts, strict=True):
+        for side in responses:
+            full = list(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True,
+                                                      return_dict=True)["input_ids"])
+            if full[: len(prompt_ids)] != prompt_ids:  # a template that renders the prompt differently
+                raise ValueError(f"pair {row.get('id')!r}: the chat template renders the prompt differently "
+                                 f"with a {side} reply, so the reply's tokens cannot be told apart")
+            responses[side].append(full[len(prompt_ids):] or [tokenizer.eos_token_id])
+    return prompts, responses["chosen"], responses["rejected"]
+
+
+def implicit_pair_accuracy(policy, reference, tokenizer, rows: list[dict], *, batch_size: int = 16) -> float:
+    """Judge-free: the share of held-out pairs whose implicit reward (Rafailov et al. 2023, eq. 5 without beta)
+    log pi(y_w|x) - log pi_ref(y_w|x) exceeds that of y_l, i.e. the policy moved towards the chosen reply
+    more than towards the rejected one. Log-probs at temperature 1, in float32."""
+    prompts, chosen, rejected = pair_token_ids(tokenizer, rows)
+    pad = tokenizer.pad_token_id
+    margins = torch.zeros(len(rows))
+    for sign, responses in ((1.0, chosen), (-1.0, rejected)):
+        policy_logps = sequence_log_probs(policy, prompts, responses, pad_id=pad, batch_size=batch_size)
+        reference_logps = sequence_log_probs(reference, prompts, responses, pad_id=pad, batch_size=batch_size)
+        margins += sign * (policy_logps - reference_logps)  # (N,)
+    return float((margins > 0).float().mean()) if len(rows) else float("nan")

@@ -3,7 +3,12 @@
 Sample ``label.samples_per_prompt`` completions per training prompt from the SFT policy, score them
 with the task's gold judge, and pair them by rank: best against worst, and second against third,
 each kept only when the gold gap exceeds ``label.min_gap``. Pairs are split into train/eval by a
-seeded hash of the prompt, so no prompt is on both sides.
+seeded hash of the prompt, so no prompt is on both sides; with the held-out judge
+(``evaluate.judge: held_out_rm``) a further ``data.judge_fraction`` of the prompts' pairs go to
+``judge.jsonl``, which only the judge trains on.
+
+Every completion is one call of the gold judge: ``gold_calls`` (the labelling budget that the
+pair-trained policies spend, against PPO-GT's rollouts) is ``max_prompts x samples_per_prompt``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import hashlib
 import statistics
 
 from stages.generation import sample
-from stages.judges import gold_judge
+from stages.judges import carves_judge_split, gold_judge
 from stages.models import load_causal_lm, load_tokenizer
 from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput, check_pair_batches
@@ -36,9 +41,9 @@ def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], 
     return pairs
 
 
-def _is_eval(prompt_id: str, seed: int, fraction: float) -> bool:
-    bucket = int(hashlib.sha256(f"label:{seed}:{prompt_id}".encode()).hexdigest()[:8], 16) / 16**8
-    return bucket < fraction
+def _bucket(prompt_id: str, seed: int) -> float:
+    """A prompt's seeded hash in [0, 1): below label.eval_fraction it is eval, then the judge's share, then train."""
+    return int(hashlib.sha256(f"label:{seed}:{prompt_id}".encode()).hexdigest()[:8], 16) / 16**8
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -60,13 +65,19 @@ def run(ctx: StageContext) -> StageOutput:
     scores = judge.score(samples.texts)
 
     # Pairs
-    train, evaluation = [], []
+    train, evaluation, judged = [], [], []
     k = cfg.samples_per_prompt
+    judge_share = ctx.config.data.judge_fraction if carves_judge_split(ctx.config) else 0.0
     for i, row in enumerate(rows):
         pairs = rank_pairs(row["prompt"], samples.texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k],
                            cfg.min_gap)
-        target = evaluation if _is_eval(row["id"], ctx.config.run.seed, cfg.eval_fraction) else train
+        bucket = _bucket(row["id"], ctx.config.run.seed)
+        target = evaluation if bucket < cfg.eval_fraction else judged if bucket < cfg.eval_fraction + judge_share \
+            else train
         target.extend({"id": f"{row['id']}-{n}", **pair} for n, pair in enumerate(pairs))
+    if judge_share and not judged:
+        raise ValueError(f"label: no pairs left for the held-out judge from {len(rows)} prompts; raise "
+                         "data.judge_fraction or label.max_prompts")
     if not train or not evaluation:
         raise ValueError(
             f"label: {len(train)} train / {len(evaluation)} eval pairs from {len(rows)} prompts; "
@@ -75,14 +86,17 @@ def run(ctx: StageContext) -> StageOutput:
     check_pair_batches(ctx.config, len(train), "label")
     write_jsonl(ctx.out_dir / "train.jsonl", train)
     write_jsonl(ctx.out_dir / "eval.jsonl", evaluation)
+    write_jsonl(ctx.out_dir / "judge.jsonl", judged)
     write_jsonl(ctx.out_dir / "samples.jsonl", (
         {"prompt_id": rows[i]["id"], "completion": text, "score": score, "ended": ended}
         for i, text, score, ended in zip(samples.prompt_index, samples.texts, scores, samples.ended, strict=True)
     ))
-    gaps = [p["score_chosen"] - p["score_rejected"] for p in train + evaluation]
+    gaps = [p["score_chosen"] - p["score_rejected"] for p in train + evaluation + judged]
     return StageOutput(metrics={
         "pairs_train": float(len(train)),
         "pairs_eval": float(len(evaluation)),
+        "pairs_judge": float(len(judged)),
+        "gold_calls": float(len(scores)),
         "mean_gold_gap": statistics.fmean(gaps),
         "mean_sample_score": statistics.fmean(scores),
         "sample_tokens_per_second": samples.tokens_per_second,

@@ -10,16 +10,19 @@ One update:
 1. draw ``rollout_batch_size`` prompts: a seeded shuffle of the training prompts, cycled;
 2. sample one response per prompt from the policy (batched, KV-cached; cut after the first EOS);
 3. score prompt + response with the reward model, read at the last token of the chat-rendered
-   conversation as TRL's RewardTrainer trained it (or with the task's gold judge), and add
-   ``missing_eos_penalty`` to the score of a response that never emitted EOS;
+   conversation as TRL's RewardTrainer trained it (or with the task's gold judge), in float32;
+   standardise the score by the mean and std of the same scorer over SFT samples drawn once before
+   training (``reward_normalization: sft``, Huang et al. 2024), and add ``missing_eos_penalty`` (in
+   those units) to the score of a response that never emitted EOS;
 4. without gradient: old policy log-probs, reference log-probs and critic values over the response
    tokens; logits are divided by the sampling temperature before the log-softmax, here and in
    training (N+ detail), so they describe the policy that sampled;
 5. per-token rewards ``-beta * KL_t`` plus the score on the last token, optionally whitened
    (scale only), GAE, advantages whitened over the batch;
 6. ``ppo_epochs`` passes over the batch in shuffled mini-batches of ``mini_batch_size``: clipped
-   policy loss + ``value_coef`` * clipped value loss, one AdamW for the policy and one for the
-   critic, gradient norms clipped per model;
+   policy loss + clipped value loss, one AdamW for the policy and one for the critic, gradient
+   norms clipped per model (the two models share no parameter, so a weight on the value loss would
+   only rescale the critic's gradients, which Adam undoes: its learning rate is the knob);
 7. the KL controller sees the batch's mean sequence KL (k1, summed over tokens).
 
 Design choices:
@@ -30,10 +33,14 @@ Design choices:
   weights is kept and copied into the adapter for each reference pass (then the policy weights are
   put back), so the reference is SFT + EMA(adapter). Without LoRA the frozen copy's own weights
   follow the policy by EMA. Either way the EMA moves once per update, after the optimisation.
-- Critic: a copy of the reward model (backbone + scalar ``score`` head) whose head reads the hidden
-  state of every position, giving one value per response token (the state before that token);
-  trained with its own LoRA adapter (head in ``modules_to_save``) or in full. The reward model used
-  for scoring is a separate frozen copy.
+- Critic: the reward model's backbone with a fresh scalar head that reads the hidden state of every
+  position, giving one value per response token (the state before that token); trained with its own
+  LoRA adapter (head in ``modules_to_save``) or in full. The head starts at zero and the values at
+  the SFT samples' mean score (0 after normalisation; ``Critic.offset`` otherwise), so the critic
+  starts on the reward's scale: a copy of the uncentred reward head would put every value off by a
+  constant b, which GAE turns into a -b * lambda^(T-1-t) ramp over the response's tokens. Values are
+  computed in float32 at rollout time (the head always in float32). The reward model used for
+  scoring is a separate frozen copy.
 - Dropout is off: models stay in eval mode throughout (N+ detail), so the first mini-batch step of
   every update starts from ratio 1 (to ~1e-5 in float32; under bf16 autocast sampling and training
   round differently, a mean |log-ratio| of ~0.04 on the bench shape). Log-probs account for the
@@ -62,7 +69,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -108,13 +115,13 @@ from stages.models import (
 )
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import snapshot_trainable, weight_change
+from stages.training import snapshot_trainable, training_seed, weight_change
 
 Scorer = Callable[[list[Messages], list[str]], Tensor]  # (prompts, response texts) -> (B,) scores on the CPU
 
 TIME_METRICS = ("time/generation", "time/scoring", "time/forward", "time/optimisation", "time/update")
 FINAL_METRICS = ("ppo/kl", "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/entropy", "ppo/response_length",
-                 "ppo/eos_fraction", "ppo/explained_variance")
+                 "ppo/eos_fraction", "ppo/explained_variance", "ppo/value_clip_fraction", "ppo/approx_kl_first")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +210,8 @@ class Critic:
 
     model: Module  # owns the parameters (a PeftModel when LoRA is on)
     backbone: Module  # (B, L) ids -> last_hidden_state (B, L, H)
-    head: Module  # (..., H) -> (..., 1)
+    head: Module  # (..., H) -> (..., 1), zero at the start
+    offset: float = 0.0  # added to every value: the SFT mean score when scores are not normalised
 
 
 @dataclass
@@ -231,6 +239,18 @@ class Reference:
                 weight.lerp_(self.tracked[name].detach(), 1.0 - self.ema_decay)
 
 
+@dataclass(frozen=True)
+class ScoreScale:
+    """Standardisation of the scorer's output: (score - mean) / std, measured on SFT samples."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, scores: Tensor) -> Tensor:
+        """(B,) raw scores -> (B,) standardised scores."""
+        return (scores - self.mean) / self.std
+
+
 @dataclass
 class Models:
     """Everything an update calls: tokenizer, trainable policy and critic, reference, scorer."""
@@ -241,6 +261,7 @@ class Models:
     critic: Critic
     scorer: Scorer
     autocast: Callable[[], AbstractContextManager] = nullcontext  # run.mixed_precision for every forward pass
+    scale: ScoreScale = field(default_factory=ScoreScale)  # set from SFT samples before the first update
 
 
 @dataclass
@@ -274,6 +295,7 @@ class Progress:
     updates_done: int = 0
     prompt_cursor: int = 0  # prompts drawn so far, across epochs of the shuffled prompt list
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per update
+    scale: ScoreScale | None = None  # the reward standardisation, measured once before the first update
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,12 +323,21 @@ def run(ctx: StageContext) -> StageOutput:
     if resumed_from:
         print(f"[alignflow] ppo: resuming from update {resumed_from} ({checkpoints})")
 
+    # Reward scale, measured on the SFT policy before it moves (kept in the checkpoints)
+    if progress.scale is None:
+        progress.scale = measure_score_scale(models, prompts, cfg, seed=training_seed(ctx.config.run, cfg))
+    set_score_scale(models, progress.scale, cfg)
+
     # Training
     train(ctx, models, optimisers, controller, prompts, progress, checkpoints)
     metrics = {
         **summary_metrics(progress, resumed_from),
+        **({"ppo/sft_score_mean": progress.scale.mean, "ppo/sft_score_std": progress.scale.std}
+           if cfg.reward_normalization == "sft" else {}),
         "ppo/kl_coef": controller.value,
         "train_prompts": float(len(prompts)),
+        # every rollout response and every sample of the reward scale is one call of the scorer
+        "gold_calls": float(scorer_calls(cfg)) if cfg.reward_source == "gold" else 0.0,
         "weight_change": weight_change(models.policy, before),
     }
 
@@ -333,7 +364,8 @@ def train(ctx: StageContext, models: Models, optimisers: Optimisers, controller:
 def ppo_update(ctx: StageContext, models: Models, optimisers: Optimisers, controller: KLController,
                prompts: list[Messages], progress: Progress, update: int) -> dict[str, float]:
     """One PPO update (rollout, then optimisation); advances ``progress`` and returns its metrics."""
-    cfg, seed = ctx.config.ppo, ctx.config.run.seed
+    cfg = ctx.config.ppo
+    seed = training_seed(ctx.config.run, cfg)
     started = time.perf_counter()
     indices = prompt_indices(len(prompts), progress.prompt_cursor, cfg.rollout_batch_size, seed)
     kl_coef = controller.value
@@ -351,6 +383,47 @@ def ppo_update(ctx: StageContext, models: Models, optimisers: Optimisers, contro
     metrics |= {"time/optimisation": finished - optimisation_started, "time/update": finished - started}
     progress.history.append(metrics)
     return metrics
+
+
+def measure_score_scale(models: Models, prompts: list[Messages], cfg: PPOConfig, *, seed: int) -> ScoreScale:
+    """Mean and std of the scorer over ``cfg.normalization_samples`` samples of the policy before training.
+
+    The policy is then the SFT model (its LoRA adapter starts at zero). Prompts are the first of a
+    seeded shuffle of the training prompts, one sample each, cycled when there are fewer prompts.
+    ``reward_normalization: none`` gives the identity scale.
+    """
+    if cfg.reward_normalization == "none":
+        return ScoreScale()
+    indices = prompt_indices(len(prompts), 0, cfg.normalization_samples, derive_seed(seed, "normalization", 0))
+    chosen = [prompts[i] for i in indices]
+    with models.autocast(), merged_adapter(models.policy):
+        samples = sample(models.policy, models.tokenizer, chosen, 1, cfg.generation,
+                         seed=derive_seed(seed, "normalization", 1), desc="ppo: SFT samples for the reward scale")
+    scores = models.scorer(chosen, samples.texts).double()  # (N,)
+    std = float(scores.std())
+    if not std > 1e-6:
+        raise ValueError(
+            f"ppo: the {cfg.reward_source} scores of {len(scores)} SFT samples are all {float(scores.mean()):.4g}, "
+            "so they cannot be standardised and carry no signal to train on; check the reward model "
+            "(its eval_pair_accuracy) or set ppo.reward_normalization: none"
+        )
+    scale = ScoreScale(float(scores.mean()), std)
+    print(f"[alignflow] ppo: {cfg.reward_source} scores of {len(scores)} SFT samples: mean {scale.mean:.4f}, "
+          f"std {scale.std:.4f} (rewards are standardised by these)")
+    return scale
+
+
+def set_score_scale(models: Models, scale: ScoreScale, cfg: PPOConfig) -> None:
+    """Standardise the rollouts' scores by ``scale``; the critic's values start at the scaled SFT mean."""
+    models.scale = scale
+    # with normalisation the SFT mean is 0; without, the values start at the raw SFT mean (measured or 0)
+    models.critic.offset = 0.0 if cfg.reward_normalization == "sft" else scale.mean
+
+
+def scorer_calls(cfg: PPOConfig) -> int:
+    """How many responses the scorer judges in a whole run: the reward-scale samples, then every rollout."""
+    scale_samples = cfg.normalization_samples if cfg.reward_normalization == "sft" else 0
+    return scale_samples + cfg.updates * cfg.rollout_batch_size
 
 
 def summary_metrics(progress: Progress, resumed_from: int) -> dict[str, float]:
@@ -384,7 +457,8 @@ def load_prompts(path: Path, max_prompts: int | None) -> list[Messages]:
 
 
 def derive_seed(seed: int, purpose: str, index: int) -> int:
-    """A seed for (purpose, index) derived from ``run.seed``, so a resumed run repeats the same draws."""
+    """A seed for (purpose, index) derived from the training seed (``ppo.seed``, else ``run.seed``), so a
+    resumed run repeats the same draws."""
     digest = hashlib.sha256(f"ppo:{seed}:{purpose}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
@@ -424,7 +498,7 @@ def build_policy(ctx: StageContext, sft_dir: str) -> tuple[Module, Reference]:
     if lora is None:
         frozen = load_causal_lm(sft_dir, model_config, ctx.device).requires_grad_(False).eval()
         return policy, _copy_reference(policy, frozen, decay)
-    policy = _with_lora(policy, lora, ctx.config.run.seed)
+    policy = _with_lora(policy, lora, training_seed(ctx.config.run, ctx.config.ppo))
     return policy, _adapter_reference(policy, decay)
 
 
@@ -473,7 +547,7 @@ def build_critic(ctx: StageContext) -> Critic:
     model = load_reward_model(str(ctx.inputs["reward"].model_dir), ctx.config.model, ctx.device).eval()
     lora = peft_config(ctx.config.model.lora, "SEQ_CLS")  # modules_to_save=["score"]: the head trains in full
     if lora is not None:
-        model = _with_lora(model, lora, ctx.config.run.seed + 1)
+        model = _with_lora(model, lora, training_seed(ctx.config.run, ctx.config.ppo) + 1)
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     head = getattr(inner, "score", None)
     if head is None:
@@ -481,6 +555,9 @@ def build_critic(ctx: StageContext) -> Critic:
             f"{ctx.inputs['reward'].model_dir}: {type(inner).__name__} has no 'score' head; the PPO critic "
             "needs a sequence-classification model with a linear 'score' head (Llama, Qwen, Mistral, GPT-2, ...)"
         )
+    with torch.no_grad():  # a zero head: every value starts at Critic.offset (see the module docstring)
+        for weight in head.parameters():
+            weight.zero_()
     return Critic(model=model, backbone=backbone(model), head=head)
 
 
@@ -560,7 +637,8 @@ def response_values(critic: Critic, sequences: Sequences) -> Tensor:
     prompt_width, width = sequences.query_ids.shape[1], sequences.response_ids.shape[1]
     hidden = critic.backbone(**_model_inputs(critic.backbone, sequences)).last_hidden_state  # (B, P + R, H)
     states = hidden[:, prompt_width - 1 : prompt_width - 1 + width]  # (B, R, H)
-    return critic.head(states).squeeze(-1).float()  # (B, R)
+    with torch.autocast(states.device.type, enabled=False):  # values in float32: bf16 rounds 1.7 to 0.008
+        return critic.head(states.float()).squeeze(-1) + critic.offset  # (B, R)
 
 
 @torch.no_grad()
@@ -575,11 +653,11 @@ def rollout_forward(models: Models, sequences: Sequences, samples: Samples, chun
     columns: list[list[Tensor]] = [[], []]
     for index in torch.arange(len(sequences.response_ids), device=sequences.response_ids.device).split(chunk_size):
         chunk = sequences.select(index)
-        with models.reference.activate():
+        with models.autocast(), models.reference.activate():
             ref_logits = response_logits(models.reference.model, chunk)  # (b, r, V)
             ref_logprobs = gather_log_probs(ref_logits, chunk.response_ids, temperature)  # (b, r)
         del ref_logits
-        values = response_values(models.critic, chunk)  # (b, r)
+        values = response_values(models.critic, chunk)  # (b, r), float32 throughout
         for column, tensor in zip(columns, (ref_logprobs, values), strict=True):
             masked = torch.where(chunk.response_mask, tensor, 0.0)
             column.append(torch.nn.functional.pad(masked, (0, width - masked.shape[1])))  # (b, R)
@@ -602,8 +680,8 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
     generated = time.perf_counter()
 
     ended = torch.tensor(samples.ended, dtype=torch.bool, device=device)  # (B,)
-    with models.autocast():
-        scores = models.scorer(prompts, samples.texts).to(device)  # (B,)
+    raw_scores = models.scorer(prompts, samples.texts).to(device)  # (B,), float32
+    scores = models.scale.apply(raw_scores)  # (B,)
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(ended, scores, scores + cfg.missing_eos_penalty)
     scored = time.perf_counter()
@@ -611,12 +689,13 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
     # gradient checkpointing drops a layer's KV cache, so the shared prefix cannot be run once then
     sequences = to_sequences(samples, models.tokenizer.pad_token_id, device,
                              share_prefix=not cfg.gradient_checkpointing)
-    with models.autocast():
-        forward = rollout_forward(models, sequences, samples, cfg.mini_batch_size, cfg.generation.temperature)
+    forward = rollout_forward(models, sequences, samples, cfg.mini_batch_size, cfg.generation.temperature)
     rollout, metrics = assemble_rollout(sequences, scores, forward, cfg, kl_coef)
     finished = time.perf_counter()
 
     metrics |= {
+        "ppo/score_mean": float(raw_scores.mean()),  # the scorer's own units, before standardisation
+        "ppo/normalized_score_mean": float(scores.mean()),
         "ppo/eos_fraction": float(ended.float().mean()),
         "time/generation": generated - started,
         "time/scoring": scored - generated,
@@ -674,7 +753,7 @@ def assemble_rollout(sequences: Sequences, scores: Tensor, forward: RolloutForwa
         advantages = masked_whiten(advantages, mask)
     sequence_kl = masked_sum(kl_penalty(forward.logprobs, forward.ref_logprobs, "k1"), mask, dim=-1)  # (B,)
     metrics = {
-        "ppo/score_mean": scores.mean(),
+        "ppo/score_mean": scores.mean(),  # the scores PPO optimises (collect_rollout reports the raw ones)
         # What PPO maximises: score - beta * KL, with the configured estimator, before any whitening.
         "ppo/rlhf_reward_mean": masked_sum(token_rewards.rewards, mask, dim=-1).mean(),
         "ppo/kl": sequence_kl.mean(),
@@ -697,6 +776,7 @@ def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOC
     generator = torch.Generator().manual_seed(seed)
     device = rollout.scores.device
     collected: dict[str, list[float]] = defaultdict(list)
+    first: dict[str, float] = {}
     if cfg.gradient_checkpointing:  # transformers checkpoints only in training mode
         for model in (models.policy, models.critic.model):
             _train_without_dropout(model)
@@ -704,12 +784,16 @@ def optimise(rollout: Rollout, models: Models, optimisers: Optimisers, cfg: PPOC
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(rollout.scores), generator=generator).to(device)
             for index in order.split(cfg.mini_batch_size):
-                for name, value in minibatch_step(rollout.select(index), models, optimisers, cfg).items():
+                step = minibatch_step(rollout.select(index), models, optimisers, cfg)
+                first = first or step
+                for name, value in step.items():
                     collected[name].append(value)
     finally:
         models.policy.eval()
         models.critic.model.eval()
-    return {name: statistics.fmean(values) for name, values in collected.items()}
+    # the first step starts from ratio 1, so its approx-KL shows how far sampling and training disagree
+    return {name: statistics.fmean(values) for name, values in collected.items()} | {
+        "ppo/approx_kl_first": first["ppo/approx_kl"]}
 
 
 def _train_without_dropout(model: Module) -> None:
@@ -741,7 +825,7 @@ def minibatch_step(batch: Rollout, models: Models, optimisers: Optimisers, cfg: 
     logprobs = gather_log_probs(logits, sequences.response_ids, cfg.generation.temperature)  # (b, r), float32
     policy_out = policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip_range)
     value_out = value_loss(values, batch.values, batch.returns, mask, cfg.clip_range_value)
-    optimisers.step((policy_out.loss + cfg.value_coef * value_out.loss) * share, cfg.max_grad_norm)
+    optimisers.step((policy_out.loss + value_out.loss) * share, cfg.max_grad_norm)
     statistics = {
         "ppo/policy_loss": policy_out.loss.detach(),
         "ppo/value_loss": value_out.loss.detach(),
@@ -775,7 +859,8 @@ def save_checkpoint(directory: Path, models: Models, optimisers: Optimisers, con
     torch.save({"policy": optimisers.policy.state_dict(), "critic": optimisers.critic.state_dict()},
                staging / "optimisers.pt")
     state = {"updates_done": progress.updates_done, "prompt_cursor": progress.prompt_cursor,
-             "kl_coef": controller.value, "history": progress.history}
+             "kl_coef": controller.value, "history": progress.history,
+             "score_scale": asdict(progress.scale) if progress.scale else None}
     (staging / "state.json").write_text(json.dumps(state, indent=1))
     target = directory / f"{CHECKPOINT_PREFIX}{progress.updates_done:06d}"
     shutil.rmtree(target, ignore_errors=True)
@@ -808,7 +893,9 @@ def load_checkpoint(directory: Path, models: Models, optimisers: Optimisers, con
     optimisers.critic.load_state_dict(states["critic"])
     state = json.loads((latest / "state.json").read_text())
     controller.value = float(state["kl_coef"])
-    return Progress(int(state["updates_done"]), int(state["prompt_cursor"]), list(state["history"]))
+    scale = state.get("score_scale")
+    return Progress(int(state["updates_done"]), int(state["prompt_cursor"]), list(state["history"]),
+                    ScoreScale(**scale) if scale else None)
 
 
 def _to_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -58,6 +58,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stages.config import DataConfig
+from stages.judges import carves_judge_split
 from stages.runner import StageContext, StageOutput, check_pair_batches, hash_files
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,14 @@ class PrepareSummary:
     eval_rows: int
     sources: list[str]  # the files read
     quarantine_path: str | None  # file with the refused rows, None when nothing was refused
+    judge_rows: int = 0  # rows kept apart for the held-out judge (0 unless evaluate.judge is held_out_rm)
 
     def __post_init__(self) -> None:
         if self.rows_in != self.kept + self.refused:
             raise ValueError(f"rows_in {self.rows_in} != kept {self.kept} + refused {self.refused}")
-        if self.kept != self.train_rows + self.eval_rows:
-            raise ValueError(f"kept {self.kept} != train {self.train_rows} + eval {self.eval_rows}")
+        if self.kept != self.train_rows + self.eval_rows + self.judge_rows:
+            raise ValueError(f"kept {self.kept} != train {self.train_rows} + eval {self.eval_rows} "
+                             f"+ judge {self.judge_rows}")
 
     def as_metrics(self) -> dict[str, float]:
         counts = {
@@ -120,6 +123,7 @@ class PrepareSummary:
             "duplicates": self.duplicates,
             "train_rows": self.train_rows,
             "eval_rows": self.eval_rows,
+            "judge_rows": self.judge_rows,
         }
         metrics = {name: float(value) for name, value in counts.items()}
         metrics["refused_fraction"] = self.refused / self.rows_in if self.rows_in else 0.0
@@ -151,8 +155,13 @@ class _Outcome:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) -> PrepareSummary:
-    """Read ``config.source``, write ``out_dir/train.jsonl`` and ``out_dir/eval.jsonl``."""
+def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path,
+                 judge_split: bool = False) -> PrepareSummary:
+    """Read ``config.source``, write ``out_dir/train.jsonl``, ``eval.jsonl`` and ``judge.jsonl``.
+
+    With ``judge_split`` (the held-out judge), ``config.judge_fraction`` of the rows go to ``judge.jsonl``
+    instead of ``train.jsonl``; otherwise that file is empty. The eval split is the same either way.
+    """
     out_dir, root = Path(out_dir), Path(root)
 
     # Read
@@ -167,7 +176,11 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) ->
         raise DataError(all_refused_message(config.source, outcome.quarantine, quarantine_path))
 
     # Split
-    train, evaluation = _split(outcome.kept, seed, config.eval_fraction)
+    train, evaluation, judge = _split(outcome.kept, seed, config.eval_fraction,
+                                      config.judge_fraction if judge_split else 0.0)
+    if judge_split and not judge:
+        raise DataError(f"{config.source}: {len(outcome.kept)} kept rows left none for the held-out judge; raise "
+                        f"data.judge_fraction (now {config.judge_fraction}) or add data")
     if not train or not evaluation:
         raise DataError(
             f"{config.source}: {len(outcome.kept)} kept rows split into {len(train)} train and "
@@ -179,6 +192,7 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out_dir / "train.jsonl", train)
     _write_jsonl(out_dir / "eval.jsonl", evaluation)
+    _write_jsonl(out_dir / "judge.jsonl", judge)
     summary = PrepareSummary(
         kind=kind_of(outcome.kept[0]),
         rows_in=len(outcome.kept) + len(outcome.quarantine),
@@ -187,6 +201,7 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path) ->
         duplicates=outcome.duplicates,
         train_rows=len(train),
         eval_rows=len(evaluation),
+        judge_rows=len(judge),
         sources=source.names,
         quarantine_path=str(quarantine_path) if quarantine_path else None,
     )
@@ -818,11 +833,16 @@ def _eval_score(seed: int, row_id: str) -> float:
     return int(digest[:16], 16) / 16**16
 
 
-def _split(rows: list[Record], seed: int, eval_fraction: float) -> tuple[list[Record], list[Record]]:
-    train, evaluation = [], []
+def _split(rows: list[Record], seed: int, eval_fraction: float,
+           judge_fraction: float = 0.0) -> tuple[list[Record], list[Record], list[Record]]:
+    """(train, eval, judge): a row's hash bucket below ``eval_fraction`` is eval, the next ``judge_fraction``
+    of [0, 1) is the judge's, the rest train; so the eval split does not depend on the judge split."""
+    train, evaluation, judge = [], [], []
     for row in rows:
-        (evaluation if _eval_score(seed, row["id"]) < eval_fraction else train).append(row)
-    return train, evaluation
+        bucket = _eval_score(seed, row["id"])
+        target = evaluation if bucket < eval_fraction else judge if bucket < eval_fraction + judge_fraction else train
+        target.append(row)
+    return train, evaluation, judge
 
 
 def write_quarantine(records: list[Record], path: Path) -> Path | None:
@@ -856,7 +876,7 @@ def _json_lines(records: Iterable[Record]) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-PREPARED_FILES = ("train.jsonl", "eval.jsonl")
+PREPARED_FILES = ("train.jsonl", "eval.jsonl", "judge.jsonl")
 
 
 def _publish_prepared(source: Path, target: Path) -> None:
@@ -876,7 +896,8 @@ def run(ctx: StageContext) -> StageOutput:
 
     config = ctx.config
     data_dir = ctx.out_dir / "prepared"
-    summary = prepare_data(config.data, data_dir, seed=config.run.seed, root=ctx.root)
+    summary = prepare_data(config.data, data_dir, seed=config.run.seed, root=ctx.root,
+                           judge_split=carves_judge_split(config) and config.data.task == "preference")
     (data_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
     if summary.kind == "preference":
         check_pair_batches(config, summary.train_rows, f"{config.data.source} (prepared)")

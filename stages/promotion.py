@@ -56,7 +56,7 @@ class GateScores:
 
 
 def _win_rate_gate(challenger: Sequence[float], champion: Sequence[float], margin: float) -> GateScores:
-    from stages.evaluate import win_rate
+    from stages.bootstrap import win_rate
 
     rate = win_rate(list(challenger), list(champion))
     return GateScores(challenger=rate, champion=1.0 - rate, bar=0.5 + margin)

@@ -1,15 +1,17 @@
-"""The ``reward`` stage: a Bradley-Terry reward model on the SFT backbone, with TRL's RewardTrainer.
+"""The ``reward`` and ``judge`` stages: a Bradley-Terry reward model on the SFT backbone, with TRL's RewardTrainer.
 
 The model is the SFT policy with a scalar head (``AutoModelForSequenceClassification``, one label);
 with LoRA the head is trained in full and the adapter merged afterwards. Held-out pair accuracy is
 measured on the eval pairs after training, by scoring each chosen and rejected conversation.
+
+Both stages run this module with the reward section's recipe. ``reward`` trains on the train split of
+the pairs, which the policies train on too (PPO against this model); ``judge`` trains on the judge split
+(``data.judge_fraction``), which no policy and no training reward model sees, so it can grade them all.
 """
 
 from __future__ import annotations
 
-import statistics
-
-from stages.generation import reward_scores
+from stages.generation import pair_accuracy
 from stages.models import load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
@@ -24,15 +26,7 @@ def pair_dataset(path):
     return Dataset.from_list([{c: row[c] for c in PAIR_COLUMNS} for row in read_jsonl(path)])
 
 
-def pair_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
-    """Share of pairs whose chosen conversation outscores the rejected one, and the mean margin."""
-    chosen = reward_scores(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows])
-    rejected = reward_scores(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows])
-    margins = (chosen - rejected).tolist()
-    return {
-        "eval_pair_accuracy": statistics.fmean(m > 0 for m in margins),
-        "eval_reward_margin": statistics.fmean(margins),
-    }
+TRAIN_FILES = {"reward": "train.jsonl", "judge": "judge.jsonl"}  # stage -> the split of the pairs it trains on
 
 
 def run(ctx: StageContext) -> StageOutput:
@@ -47,7 +41,11 @@ def run(ctx: StageContext) -> StageOutput:
     model = load_reward_model(sft_dir, ctx.config.model, ctx.device)
 
     # Dataset
-    train = pair_dataset(pairs.path / "train.jsonl")
+    train_file = pairs.path / TRAIN_FILES[ctx.name]
+    if not train_file.is_file() or not read_jsonl(train_file):
+        raise ValueError(f"{ctx.name}: no pairs in {train_file}; the held-out judge trains on the judge split "
+                         "(data.judge_fraction of the pairs): raise data.judge_fraction or add data")
+    train = pair_dataset(train_file)
     eval_rows = read_jsonl(pairs.path / "eval.jsonl")
 
     # Training

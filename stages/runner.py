@@ -132,7 +132,7 @@ class StageSpec:
         return importlib.import_module(f"stages.{self.module}").run
 
 
-def _pairs_source(config: Config) -> str:
+def pairs_source(config: Config) -> str:
     """Where preference pairs come from: labelled by the gold judge, or the prepared data itself."""
     return "label" if config.data.task == "sentiment" else "prepare"
 
@@ -144,6 +144,20 @@ def _sft_data(config: Config) -> str:
 
 def _dpo_reference(config: Config) -> tuple[str, ...]:
     return ("dpo_reference",) if config.dpo.shared_reference else ()
+
+
+def _judge(config: Config) -> tuple[str, ...]:
+    """The held-out judge's stage when ``evaluate.judge`` resolves to it."""
+    from stages.judges import judge_kind
+
+    return ("judge",) if judge_kind(config) == "held_out_rm" else ()
+
+
+def _scoring_inputs(config: Config) -> tuple[str, ...]:
+    """What scoring a policy reads: held-out prompts, the SFT reference, the training reward model (a
+    diagnostic, or the judge when explicitly chosen), the held-out judge, and the held-out pairs (for the
+    judge-free implicit-reward accuracy)."""
+    return tuple(dict.fromkeys(("prepare", "sft", "reward", *_judge(config), pairs_source(config))))
 
 
 def _policies(config: Config) -> tuple[str, ...]:
@@ -158,19 +172,21 @@ STAGES: dict[str, StageSpec] = {
     "prepare_sft": StageSpec("prepare_sft", lambda c: (), code=("prepare.py",), sources=lambda c: (c.data.sft_source,)),
     "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), **TRAINING),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
-    "reward": StageSpec("reward", lambda c: ("sft", _pairs_source(c)), **TRAINING),
-    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", _pairs_source(c)), trains=True, autocasts=True,
+    "reward": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
+    # the held-out judge: the reward stage's recipe on the judge split of the pairs, which nothing else trains on
+    "judge": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
+    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", pairs_source(c)), trains=True, autocasts=True,
                                code=("reward.py",)),
-    "dpo": StageSpec("dpo", lambda c: ("sft", _pairs_source(c), *_dpo_reference(c)), **TRAINING,
+    "dpo": StageSpec("dpo", lambda c: ("sft", pairs_source(c), *_dpo_reference(c)), **TRAINING,
                      code=("reward.py", "dpo_reference.py")),
     "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
-    "simpo": StageSpec("simpo", lambda c: ("sft", _pairs_source(c)), **TRAINING, code=("reward.py",)),
-    "orpo": StageSpec("orpo", lambda c: ("sft", _pairs_source(c)), **TRAINING, code=("reward.py",)),
+    "simpo": StageSpec("simpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
+    "orpo": StageSpec("orpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
     "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
     "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
-    "evaluate": StageSpec("evaluate", lambda c: ("prepare", "sft", "reward", *_policies(c)), trains=True),
+    "evaluate": StageSpec("evaluate", lambda c: (*_scoring_inputs(c), *_policies(c)), trains=True),
     # one policy (input "policy"; the SFT model when there is none) scored like evaluate scores each
-    "score": StageSpec("score", lambda c: ("prepare", "sft", "reward"), trains=True, code=("evaluate.py",)),
+    "score": StageSpec("score", _scoring_inputs, trains=True, code=("evaluate.py",)),
 }
 
 

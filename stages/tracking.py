@@ -51,6 +51,7 @@ class Tracker:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.uri = uri
+        self.last_step = 0  # the highest step logged so far: a run's final metrics go there
 
     # ---- creation ------------------------------------------------------------------------------
     @classmethod
@@ -116,13 +117,18 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log ``metrics`` at ``step``; without one, at the highest step this tracker logged (0 at first)."""
         import time
 
         from mlflow.entities import Metric
 
+        # Without a step (a stage's final metrics) the values go to the last step logged, not to step 0,
+        # where a final value logged under a curve's name would make the curve start at its end.
+        step = self.last_step if step is None else step
+        self.last_step = max(self.last_step, step)
         now = int(time.time() * 1000)
         items = [
-            Metric(key, float(value), now, step or 0)
+            Metric(key, float(value), now, step)
             for key, value in metrics.items()
             if isinstance(value, int | float) and math.isfinite(float(value))
         ]

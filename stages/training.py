@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from stages.config import OnlineRLConfig, TrainConfig
-from stages.judges import GOLD_JUDGES, gold_judge
+from stages.judges import GOLD_JUDGES, CountingJudge, gold_judge
 from stages.models import (
     load_causal_lm,
     load_reward_model,
@@ -23,6 +23,16 @@ from stages.models import (
 )
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
+
+
+def training_seed(run, section) -> int:
+    """The seed of a training run: the section's own ``seed`` (``compare.seeds`` sets it per run), else run.seed.
+
+    Only the training draws change with it (initialisation, data order, a policy's own samples); the
+    data splits, the SFT model and the held-out evaluation samples stay those of ``run.seed``.
+    """
+    own = getattr(section, "seed", None)
+    return run.seed if own is None else own
 
 
 def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[str, Any]:
@@ -45,7 +55,7 @@ def trainer_args(train: TrainConfig, ctx: StageContext, **extra: Any) -> dict[st
         "save_steps": train.save_steps or 500,
         "save_total_limit": 1,
         "report_to": "none",
-        "seed": ctx.config.run.seed,
+        "seed": training_seed(ctx.config.run, train),
         "use_cpu": ctx.device.type == "cpu",
         "bf16": ctx.config.model.dtype == "bfloat16" or precision == "bf16",
         "fp16": ctx.config.model.dtype == "float16" or precision == "fp16",
@@ -215,18 +225,21 @@ def _reward_model_reward(ctx: StageContext, section: str) -> tuple[list, list]:
 
 def _gold_reward(ctx: StageContext, section: str) -> tuple[list, list]:
     """A TRL reward function that scores the completion text with the task's gold judge."""
-    judge = gold_judge(ctx.config.data.task)
-    if judge is None:
+    found = gold_judge(ctx.config.data.task)
+    if found is None:
         raise ValueError(
             f"{section}.reward_source is 'gold' but data.task {ctx.config.data.task!r} has no gold judge "
             f"(tasks with one: {sorted(GOLD_JUDGES)}); set {section}.reward_source to 'reward_model'"
         )
+
+    judge = CountingJudge(found)
 
     def gold(prompts: list, completions: list, **kwargs: Any) -> list[float]:
         # conversational completions are [{"role": "assistant", "content": text}]
         return judge.score([c[-1]["content"] if isinstance(c, list) else c for c in completions])
 
     gold.__name__ = f"gold_{judge.name}"  # TRL logs rewards/<name>/mean
+    gold.judge = judge  # its call count is the stage's gold_calls
     return [gold], [None]
 
 
@@ -286,6 +299,8 @@ def train_online(ctx: StageContext, section: str, config_class, trainer_class) -
     metrics = {
         **online_metrics(trainer, train_output, len(prompts), dropped, resumed),
         "weight_change": change,
+        # gold-judge calls this process made (a resumed run counts those after the resume)
+        "gold_calls": float(sum(f.judge.calls for f in reward_funcs if hasattr(f, "judge"))),
     }
 
     # Save
