@@ -220,9 +220,8 @@ def run(ctx: StageContext) -> StageOutput:
         else:
             figures["win_rate_vs_sft"] = 0.5
         metrics.update({f"{name}/{key}": value for key, value in figures.items()})
-    if judge.pair_accuracy is not None:
-        metrics["judge/pair_accuracy"] = judge.pair_accuracy
-    (ctx.out_dir / "metrics.json").write_text(json.dumps(_nest(metrics) | {"judge": judge.describe()}, indent=2))
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(_nest(metrics), indent=2))
+    (ctx.out_dir / "judge.json").write_text(json.dumps(judge.describe(), indent=2))  # what the scores mean
 
     # Sample generations, side by side
     examples = _examples(prompts, per_policy, cfg.samples_per_prompt, cfg.num_examples)
@@ -230,9 +229,11 @@ def run(ctx: StageContext) -> StageOutput:
     if ctx.tracker is not None:
         ctx.tracker.log_table(examples, "sample_generations.json")
         ctx.tracker.log_artifact(ctx.out_dir / "metrics.json")
+        ctx.tracker.log_artifact(ctx.out_dir / "judge.json")
         ctx.tracker.set_tags({"alignflow.judge": judge.name, "alignflow.judge_independent": judge.independent})
     return StageOutput(metrics=metrics, info={"judged_by": judge.name, "judge": judge.describe(),
-                                              "policies": list(per_policy), "publish": ["metrics.json"]})
+                                              "policies": list(per_policy),
+                                              "publish": ["metrics.json", "judge.json"]})
 
 
 def _nest(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -83,7 +83,7 @@ def run(ctx: StageContext) -> StageOutput:
             f"label: {len(train)} train / {len(evaluation)} eval pairs from {len(rows)} prompts; "
             "raise label.max_prompts or label.samples_per_prompt, or lower label.min_gap"
         )
-    check_pair_batches(ctx.config, len(train), "label")
+    check_pair_batches(ctx.config, len(train), "label", len(judged) if judge_share else None)
     write_jsonl(ctx.out_dir / "train.jsonl", train)
     write_jsonl(ctx.out_dir / "eval.jsonl", evaluation)
     write_jsonl(ctx.out_dir / "judge.jsonl", judged)

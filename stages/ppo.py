@@ -390,7 +390,7 @@ def measure_score_scale(models: Models, prompts: list[Messages], cfg: PPOConfig,
 
     The policy is then the SFT model (its LoRA adapter starts at zero). Prompts are the first of a
     seeded shuffle of the training prompts, one sample each, cycled when there are fewer prompts.
-    ``reward_normalization: none`` gives the identity scale.
+    ``reward_normalization: none`` gives the identity scale; scores that do not vary are centred only.
     """
     if cfg.reward_normalization == "none":
         return ScoreScale()
@@ -401,12 +401,11 @@ def measure_score_scale(models: Models, prompts: list[Messages], cfg: PPOConfig,
                          seed=derive_seed(seed, "normalization", 1), desc="ppo: SFT samples for the reward scale")
     scores = models.scorer(chosen, samples.texts).double()  # (N,)
     std = float(scores.std())
-    if not std > 1e-6:
-        raise ValueError(
-            f"ppo: the {cfg.reward_source} scores of {len(scores)} SFT samples are all {float(scores.mean()):.4g}, "
-            "so they cannot be standardised and carry no signal to train on; check the reward model "
-            "(its eval_pair_accuracy) or set ppo.reward_normalization: none"
-        )
+    if not std > 1e-6:  # every SFT sample scored alike: centre only, and say so
+        print(f"[alignflow] ppo: WARNING: the {cfg.reward_source} scores of {len(scores)} SFT samples are all "
+              f"{float(scores.mean()):.4g}; rewards are centred but not scaled (check the reward model's "
+              "eval_pair_accuracy, or raise ppo.normalization_samples)")
+        std = 1.0
     scale = ScoreScale(float(scores.mean()), std)
     print(f"[alignflow] ppo: {cfg.reward_source} scores of {len(scores)} SFT samples: mean {scale.mean:.4f}, "
           f"std {scale.std:.4f} (rewards are standardised by these)")
@@ -541,10 +540,12 @@ def _swapped(weights: dict[str, Tensor], replacement: dict[str, Tensor]) -> Iter
 
 
 def build_critic(ctx: StageContext) -> Critic:
-    """A trainable copy of the reward model, its head applied at every position."""
+    """A trainable backbone (the reward model's, else the SFT model's) with a zero head applied at every position."""
     from peft import PeftModel
 
-    model = load_reward_model(str(ctx.inputs["reward"].model_dir), ctx.config.model, ctx.device).eval()
+    # the reward model's backbone when PPO optimises it; on the gold judge, the SFT model's (no labels behind it)
+    source = ctx.inputs.get("reward", ctx.inputs["sft"])
+    model = load_reward_model(str(source.model_dir), ctx.config.model, ctx.device).eval()
     lora = peft_config(ctx.config.model.lora, "SEQ_CLS")  # modules_to_save=["score"]: the head trains in full
     if lora is not None:
         model = _with_lora(model, lora, training_seed(ctx.config.run, ctx.config.ppo) + 1)
@@ -552,7 +553,7 @@ def build_critic(ctx: StageContext) -> Critic:
     head = getattr(inner, "score", None)
     if head is None:
         raise ValueError(
-            f"{ctx.inputs['reward'].model_dir}: {type(inner).__name__} has no 'score' head; the PPO critic "
+            f"{source.model_dir}: {type(inner).__name__} has no 'score' head; the PPO critic "
             "needs a sequence-classification model with a linear 'score' head (Llama, Qwen, Mistral, GPT-2, ...)"
         )
     with torch.no_grad():  # a zero head: every value starts at Critic.offset (see the module docstring)

@@ -900,7 +900,7 @@ def run(ctx: StageContext) -> StageOutput:
                            judge_split=carves_judge_split(config) and config.data.task == "preference")
     (data_dir / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=2))
     if summary.kind == "preference":
-        check_pair_batches(config, summary.train_rows, f"{config.data.source} (prepared)")
+        check_pair_batches(config, summary.train_rows, f"{config.data.source} (prepared)", summary.judge_rows)
     for name in PREPARED_FILES:  # downstream stages read <output>/<name>
         shutil.copyfile(data_dir / name, ctx.out_dir / name)
     if summary.quarantine_path:

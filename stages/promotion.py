@@ -8,9 +8,11 @@ Aliases of ``run.registered_model`` in the MLflow model registry:
 
 The gate (:func:`gate`) compares the challenger with the champion on the held-out prompts of the
 retrain run. Both policies are sampled there with the same seed, so sample ``i`` of each answers the
-same prompt, and each sample is scored by the task's gold judge, or, where the task has none, by the
-reward model of the run. ``retrain.gate_metric`` picks the comparison (one function per metric in
-``GATE_METRICS``); the challenger becomes champion only when its score is above the bar:
+same prompt, and each sample is scored by ``evaluate.judge``: the task's gold judge, or, where the task
+has none, the held-out judge (a reward model trained on pairs that neither policy nor the training reward
+model saw), never by the reward model a policy was trained against unless that is asked for explicitly.
+``retrain.gate_metric`` picks the comparison (one function per metric in ``GATE_METRICS``); the
+challenger becomes champion only when its score is above the bar:
 
 - ``win_rate_vs_champion``: the share of prompts where the challenger's sample scores higher (a tie
   counts one half); bar ``0.5 + retrain.gate_margin``;
@@ -92,7 +94,7 @@ class Decision:
     champion_score: float | None = None
     bar: float | None = None
     samples: int | None = None
-    judged_by: str | None = None  # the gold judge's name, or reward_model
+    judged_by: str | None = None  # the judge's name: the gold judge's, held_out_rm, a model path, or training_rm
     dataset_md5: str | None = None  # DVC version of the preference data the challenger was trained on
     actor: str | None = None  # who ran a manual decision
 

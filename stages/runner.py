@@ -146,6 +146,11 @@ def _dpo_reference(config: Config) -> tuple[str, ...]:
     return ("dpo_reference",) if config.dpo.shared_reference else ()
 
 
+def _reward_model(section) -> tuple[str, ...]:
+    """The reward stage, for an RL section that optimises the reward model (not the gold judge)."""
+    return ("reward",) if section.reward_source == "reward_model" else ()
+
+
 def _judge(config: Config) -> tuple[str, ...]:
     """The held-out judge's stage when ``evaluate.judge`` resolves to it."""
     from stages.judges import judge_kind
@@ -179,14 +184,17 @@ STAGES: dict[str, StageSpec] = {
                                code=("reward.py",)),
     "dpo": StageSpec("dpo", lambda c: ("sft", pairs_source(c), *_dpo_reference(c)), **TRAINING,
                      code=("reward.py", "dpo_reference.py")),
-    "ppo": StageSpec("ppo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
+    # on the gold judge they need no reward model (PPO's critic then starts from the SFT backbone), so they
+    # spend no label: their gold-judge calls are their own
+    "ppo": StageSpec("ppo", lambda c: ("sft", *_reward_model(c.ppo), "prepare"), **TRAINING),
     "simpo": StageSpec("simpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
     "orpo": StageSpec("orpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
-    "rloo": StageSpec("rloo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
-    "grpo": StageSpec("grpo", lambda c: ("sft", "reward", "prepare"), **TRAINING),
-    "evaluate": StageSpec("evaluate", lambda c: (*_scoring_inputs(c), *_policies(c)), trains=True),
+    "rloo": StageSpec("rloo", lambda c: ("sft", *_reward_model(c.rloo), "prepare"), **TRAINING),
+    "grpo": StageSpec("grpo", lambda c: ("sft", *_reward_model(c.grpo), "prepare"), **TRAINING),
+    "evaluate": StageSpec("evaluate", lambda c: (*_scoring_inputs(c), *_policies(c)), trains=True,
+                          code=("bootstrap.py",)),
     # one policy (input "policy"; the SFT model when there is none) scored like evaluate scores each
-    "score": StageSpec("score", _scoring_inputs, trains=True, code=("evaluate.py",)),
+    "score": StageSpec("score", _scoring_inputs, trains=True, code=("evaluate.py", "bootstrap.py")),
 }
 
 
@@ -210,13 +218,18 @@ def pipeline_order(config: Config) -> list[str]:
 PAIR_TRAINERS = ("reward", "dpo", "simpo", "orpo")  # stages that train on the preference pairs
 
 
-def check_pair_batches(config: Config, pairs: int, source: str) -> None:
-    """Fail before any model trains when a stage of this pipeline has a batch larger than its training pairs."""
+def check_pair_batches(config: Config, pairs: int, source: str, judge_pairs: int | None = None) -> None:
+    """Fail before any model trains when a stage of this pipeline has a batch larger than its training pairs
+    (the held-out judge trains on ``judge_pairs``, with the reward section's batch size)."""
     too_large = [f"{stage}.batch_size ({getattr(config, stage).batch_size})" for stage in pipeline_order(config)
                  if stage in PAIR_TRAINERS and getattr(config, stage).batch_size > pairs]
     if too_large:
         raise ValueError(f"{source}: {pairs} training pairs, fewer than {', '.join(too_large)}; lower the batch "
                          "size or give it more data")
+    if judge_pairs is not None and "judge" in pipeline_order(config) and config.reward.batch_size > judge_pairs:
+        raise ValueError(f"{source}: {judge_pairs} pairs for the held-out judge, fewer than reward.batch_size "
+                         f"({config.reward.batch_size}), which it trains with; raise data.judge_fraction (now "
+                         f"{config.data.judge_fraction}) or give it more data")
 
 
 def code_version(stage: str) -> str:

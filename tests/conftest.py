@@ -61,7 +61,7 @@ def tiny_params(model_dir: Path, project: Path, **sections) -> dict:
         "reward": dict(train),
         "dpo": dict(train),
         "ppo": {"updates": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-3,
-                "generation": generation},
+                "normalization_samples": 8, "generation": generation},
         "evaluate": {"max_prompts": 6, "samples_per_prompt": 1, "num_examples": 3, "generation": generation},
     }
     for section, values in sections.items():

@@ -232,3 +232,6 @@ def test_stage_inputs(task, pairs):
     assert STAGES["simpo"].inputs(config) == STAGES["orpo"].inputs(config) == ("sft", pairs)
     assert STAGES["rloo"].inputs(config) == STAGES["grpo"].inputs(config) == ("sft", "reward", "prepare")
     assert all(STAGES[name].trains for name in MODULES)
+    # on the gold judge no reward model (nor the labels behind it) is needed
+    gold = validate({"data": {"task": task}, "rloo": {"reward_source": "gold"}, "ppo": {"reward_source": "gold"}})
+    assert STAGES["rloo"].inputs(gold) == STAGES["ppo"].inputs(gold) == ("sft", "prepare")

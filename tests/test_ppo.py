@@ -23,11 +23,11 @@ from tests.conftest import RecordingTracker, tiny_params
 PER_UPDATE_METRICS = {
     "ppo/score_mean", "ppo/rlhf_reward_mean", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/approx_kl",
     "ppo/policy_loss", "ppo/value_loss", "ppo/value_clip_fraction", "ppo/explained_variance",
-    "ppo/response_length", "ppo/eos_fraction", "ppo/kl_coef",
+    "ppo/response_length", "ppo/eos_fraction", "ppo/kl_coef", "ppo/approx_kl_first", "ppo/normalized_score_mean",
     "time/generation", "time/scoring", "time/forward", "time/optimisation", "time/update",
 }
 SMALL_PPO = {
-    "updates": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-3,
+    "updates": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "learning_rate": 1e-3, "normalization_samples": 8,
     "value_learning_rate": 1e-3, "generation": {"max_new_tokens": 8, "temperature": 1.5, "top_p": 1.0,
                                                 "batch_size": 4},
 }
@@ -374,3 +374,57 @@ def test_bf16_mixed_precision_trains_float32_weights(tmp_path, tiny_model_dir, i
     assert math.isfinite(output.metrics["ppo/kl"]) and math.isfinite(output.metrics["ppo/score_mean"])
     saved = load_file(ctx.out_dir / "model" / "model.safetensors")
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}  # autocast: the weights stay float32
+
+
+# --------------------------------------------------------------------------------------------------
+# The reward's scale, the critic's start, and what each update reports
+# --------------------------------------------------------------------------------------------------
+def test_scores_are_standardised_on_sft_samples_and_the_critic_starts_at_their_mean(tmp_path, tiny_model_dir, inputs):
+    """The reward model's scores of 8 SFT samples give (mean, std); every rollout score PPO optimises is
+    (raw - mean) / std, and the critic's zero head puts every value at the standardised SFT mean, 0."""
+    tracker = RecordingTracker()
+    ctx = make_ctx(tmp_path, tiny_model_dir, inputs, ppo_params={"updates": 1}, tracker=tracker)
+    models = ppo.build_models(ctx)
+    prompts = ppo.load_prompts(inputs["prepare"].path / "train.jsonl", None)
+    scale = ppo.measure_score_scale(models, prompts, ctx.config.ppo, seed=0)
+    assert scale.std > 0 and math.isfinite(scale.mean)
+    raw = torch.tensor([scale.mean, scale.mean + scale.std, scale.mean - 2 * scale.std])
+    assert torch.allclose(scale.apply(raw), torch.tensor([0.0, 1.0, -2.0]), atol=1e-5)
+
+    head = [weight for weight in models.critic.head.parameters()]
+    assert head and all(torch.count_nonzero(weight) == 0 for weight in head)
+    rollout, metrics = ppo.collect_rollout(models, prompts[:4], ctx.config.ppo, 0.05, seed=1, device=ctx.device)
+    assert torch.count_nonzero(rollout.values) == 0  # the values start at the (standardised) SFT mean
+    ppo.set_score_scale(models, scale, ctx.config.ppo)
+    rollout, metrics = ppo.collect_rollout(models, prompts[:4], ctx.config.ppo, 0.05, seed=1, device=ctx.device)
+    assert metrics["ppo/normalized_score_mean"] == pytest.approx((metrics["ppo/score_mean"] - scale.mean) / scale.std,
+                                                                 abs=1e-5)
+
+    # Without normalisation the values start at the raw SFT mean instead
+    raw_cfg = ctx.config.ppo.model_copy(update={"reward_normalization": "none"})
+    ppo.set_score_scale(models, ppo.ScoreScale(mean=1.5), raw_cfg)
+    rollout, _ = ppo.collect_rollout(models, prompts[:4], raw_cfg, 0.05, seed=1, device=ctx.device)
+    mask = rollout.sequences.response_mask
+    assert torch.allclose(rollout.values[mask], torch.full_like(rollout.values[mask], 1.5))
+
+    # The stage records the scale, and each update its approx-KL at ratio 1 and the value-clip fraction
+    output = ppo.run(ctx)
+    assert output.metrics["ppo/sft_score_std"] > 0
+    [(_, logged)] = tracker.calls
+    assert logged["ppo/approx_kl_first"] == pytest.approx(0.0, abs=1e-6)  # float32: sampling = training
+    assert 0.0 <= logged["ppo/value_clip_fraction"] <= 1.0 and math.isfinite(logged["ppo/explained_variance"])
+
+
+def test_ppo_refuses_a_nucleus_and_its_adaptive_kl_defaults_can_move():
+    from stages.config import ConfigError, PPOConfig
+    from stages.losses import make_kl_controller
+
+    with pytest.raises(ConfigError, match="ppo.generation.top_p is 0.9: PPO's ratio .* ignores the nucleus"):
+        validate({"ppo": {"generation": {"top_p": 0.9}}})
+    validate({"evaluate": {"generation": {"top_p": 0.9}}})  # sampling for evaluation may use one
+    defaults = PPOConfig()
+    controller = make_kl_controller("adaptive", 0.05, defaults.kl_target, defaults.kl_horizon)
+    controller.update(2 * defaults.kl_target, defaults.rollout_batch_size)  # KL at twice the target
+    # beta grows by 0.2 x 32 / 160 = 4% per update (Ziegler's 10000-sample horizon moved it by 0.064%)
+    assert controller.value == pytest.approx(0.05 * 1.04)
+    assert "value_coef" not in PPOConfig.model_fields  # separate optimisers: a weight would do nothing
