@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run serve test lint bench bench-ppo bench-sweep hh retrain clean
+.PHONY: install run serve test lint bench bench-ppo bench-sweep bench-compare hh retrain clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-ppo: $(STAMP)
 
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep_bench.py
+
+# issue 13's targets: make run, then the default compare on its outputs, beside the fp32/bf16 matmul rates
+bench-compare: $(STAMP)
+	$(BIN)/python bench/compare_bench.py
 
 # the real-data profile: HH-RLHF harmless sample, copied into DVC-tracked data/raw
 hh: $(STAMP)

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def matmul_peak_gflops(size: int = 2048, seconds: float = 5.0) -> float:
+def matmul_peak_gflops(size: int = 2048, seconds: float = 5.0, dtype: str = "float32") -> float:
+    """GFLOP/s of a square ``dtype`` matmul loop on the CPU: the machine's rate, printed beside wall times."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
     torch.mm(a, b)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:

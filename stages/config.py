@@ -139,6 +139,7 @@ class LabelConfig(Section):
     max_prompts: int | None = Field(default=120, ge=1)
     eval_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     samples_per_prompt: int = Field(default=4, ge=2)
+    pairing: Literal["rank", "all"] = "rank"  # rank: best-worst and 2nd-3rd | all: every two completions
     min_gap: float = Field(default=0.1, ge=0.0)
     generation: GenerationConfig = GenerationConfig()
 

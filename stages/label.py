@@ -1,8 +1,9 @@
 """The ``label`` stage: preference pairs made the DPO paper's way (Rafailov et al. 2023, §6.1).
 
 Sample ``label.samples_per_prompt`` completions per training prompt from the SFT policy, score them
-with the task's gold judge, and pair them by rank: best against worst, and second against third,
-each kept only when the gold gap exceeds ``label.min_gap``. Pairs are split into train/eval by a
+with the task's gold judge, and pair them by rank (``label.pairing``): ``rank``, best against worst
+and second against third; or ``all``, every two of them. Each pair is kept only when the gold gap
+exceeds ``label.min_gap``. Pairs are split into train/eval by a
 seeded hash of the prompt, so no prompt is on both sides; with the held-out judge
 (``evaluate.judge: held_out_rm``) a further ``data.judge_fraction`` of the prompts' pairs go to
 ``judge.jsonl``, which only the judge trains on.
@@ -23,10 +24,24 @@ from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput, check_pair_batches
 
 
-def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], min_gap: float) -> list[dict]:
-    """Pairs from one prompt's scored completions: best vs worst, and 2nd vs 3rd when there are 4+."""
+def rank_positions(count: int) -> list[tuple[int, int]]:
+    """The DPO paper's pairs of ranked completions: best vs worst, and 2nd vs 3rd when there are 4+."""
+    return [(0, count - 1)] + ([(1, 2)] if count >= 4 else [])
+
+
+def all_positions(count: int) -> list[tuple[int, int]]:
+    """Every pair of ranked completions (k(k-1)/2 of them): more pairs from the same gold-judge calls."""
+    return [(better, worse) for better in range(count) for worse in range(better + 1, count)]
+
+
+PAIRINGS = {"rank": rank_positions, "all": all_positions}
+
+
+def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], min_gap: float,
+               pairing: str = "rank") -> list[dict]:
+    """Pairs from one prompt's scored completions (``label.pairing``), each kept when its gold gap > min_gap."""
     ranked = sorted(zip(scores, completions, strict=True), key=lambda item: -item[0])
-    positions = [(0, len(ranked) - 1)] + ([(1, 2)] if len(ranked) >= 4 else [])
+    positions = PAIRINGS[pairing](len(ranked))
     pairs = []
     for better, worse in positions:
         (high, chosen), (low, rejected) = ranked[better], ranked[worse]
@@ -70,7 +85,7 @@ def run(ctx: StageContext) -> StageOutput:
     judge_share = ctx.config.data.judge_fraction if carves_judge_split(ctx.config) else 0.0
     for i, row in enumerate(rows):
         pairs = rank_pairs(row["prompt"], samples.texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k],
-                           cfg.min_gap)
+                           cfg.min_gap, cfg.pairing)
         bucket = _bucket(row["id"], ctx.config.run.seed)
         target = evaluation if bucket < cfg.eval_fraction else judged if bucket < cfg.eval_fraction + judge_share \
             else train
