@@ -86,13 +86,6 @@ class DataConfig(Section):
     prepared_dir: str = "data/prepared"
     quarantine_dir: str = "data/quarantine"
     prompt_template: str = "Continue this movie review in one or two sentences: {text}"
-
-    @model_validator(mode="after")
-    def _splits_fit(self) -> DataConfig:
-        if self.eval_fraction + self.judge_fraction >= 1.0:
-            raise ValueError(f"data.eval_fraction ({self.eval_fraction}) + data.judge_fraction ({self.judge_fraction}) "
-                             "must stay below 1, so that rows are left to train on")
-        return self
     # SFT's own source, prepared by the prepare_sft stage: SFT then does not depend on data.source, so new
     # preference data (alignflow retrain) leaves the SFT model cached. None: SFT uses data.source.
     sft_source: str | None = None

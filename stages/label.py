@@ -83,6 +83,9 @@ def run(ctx: StageContext) -> StageOutput:
     train, evaluation, judged = [], [], []
     k = cfg.samples_per_prompt
     judge_share = ctx.config.data.judge_fraction if carves_judge_split(ctx.config) else 0.0
+    if cfg.eval_fraction + judge_share >= 1.0:
+        raise ValueError(f"label.eval_fraction ({cfg.eval_fraction}) + data.judge_fraction ({judge_share}) must stay "
+                         "below 1 for the held-out judge, so that prompts are left to train on")
     for i, row in enumerate(rows):
         pairs = rank_pairs(row["prompt"], samples.texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k],
                            cfg.min_gap, cfg.pairing)

@@ -176,6 +176,9 @@ def prepare_data(config: DataConfig, out_dir: Path, *, seed: int, root: Path,
         raise DataError(all_refused_message(config.source, outcome.quarantine, quarantine_path))
 
     # Split
+    if judge_split and config.eval_fraction + config.judge_fraction >= 1.0:
+        raise DataError(f"data.eval_fraction ({config.eval_fraction}) + data.judge_fraction ({config.judge_fraction}) "
+                        "must stay below 1 for the held-out judge, so that rows are left to train on")
     train, evaluation, judge = _split(outcome.kept, seed, config.eval_fraction,
                                       config.judge_fraction if judge_split else 0.0)
     if judge_split and not judge:

@@ -124,7 +124,7 @@ class Tracker:
 
         # Without a step (a stage's final metrics) the values go to the last step logged, not to step 0,
         # where a final value logged under a curve's name would make the curve start at its end.
-        step = self.last_step if step is None else step
+        step = (self.last_step or self._last_logged_step()) if step is None else step
         self.last_step = max(self.last_step, step)
         now = int(time.time() * 1000)
         items = [
@@ -134,6 +134,12 @@ class Tracker:
         ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def _last_logged_step(self) -> int:
+        """The highest step any metric of the run has (other processes, e.g. ``accelerate launch`` ranks, may
+        have logged it); 0 for a run with none."""
+        keys = self.client.get_run(self.run_id).data.metrics
+        return max((m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)), default=0)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages import prepare
-from stages.config import ConfigError, validate
+from stages.config import validate
 from stages.evaluate import build_judge
 from stages.generation import sample, sequence_log_probs
 from stages.judges import JudgeError, judge_kind
@@ -62,10 +62,13 @@ def test_the_training_reward_model_is_refused_as_a_judge_unless_named_explicitly
                                 "pair_accuracy": 0.7, "pairs": 21}
 
 
-def test_unknown_judge_strings_are_model_paths_and_splits_must_leave_training_rows():
+def test_unknown_judge_strings_are_model_paths_and_splits_must_leave_training_rows(tmp_path):
     assert judge_kind(config(evaluate={"judge": "org/some-reward-model"})) == "model"
-    with pytest.raises(ConfigError, match=r"data.eval_fraction \(0.5\) \+ data.judge_fraction \(0.5\)"):
-        config(data={"eval_fraction": 0.5, "judge_fraction": 0.5})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _pairs(20)))
+    data = config(data={"task": "preference", "source": "pairs.jsonl", "eval_fraction": 0.5,
+                        "judge_fraction": 0.5}).data
+    with pytest.raises(prepare.DataError, match=r"data.eval_fraction \(0.5\) \+ data.judge_fraction \(0.5\)"):
+        prepare.prepare_data(data, tmp_path / "out", seed=0, root=tmp_path, judge_split=True)
 
 
 # --------------------------------------------------------------------------------------------------

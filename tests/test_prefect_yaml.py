@@ -110,7 +110,7 @@ def test_compare_halves_split_the_grid_and_share_its_cache_keys(deployments):
             assert stage_params(variant_config(configs[0], variant), variant.stage) == \
                 stage_params(variant_config(full, full_grid[name]), variant.stage), name
     assert {v.method for v in grids["dpo"].values()} <= {"dpo", "simpo", "orpo"}
-    assert {v.method for v in grids["ppo"].values()} <= {"ppo", "ppo-gold", "rloo", "grpo"}
+    assert {v.method for v in grids["ppo"].values()} <= {"ppo", "ppo-gold", "rloo", "rloo-gold", "grpo"}
     assert not set(grids["dpo"]) & set(grids["ppo"])
     assert set(grids["dpo"]) | set(grids["ppo"]) == set(full_grid)
 

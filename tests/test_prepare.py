@@ -748,6 +748,7 @@ def test_outputs_are_in_source_order_with_no_temporary_files(tmp_path: Path) -> 
 
     assert sorted(path.name for path in (tmp_path / "deep" / "out").iterdir()) == [
         "eval.jsonl",
+        "judge.jsonl",  # empty: no held-out judge split was asked for
         "train.jsonl",
     ]
     order = [f"q question {i}" for i in range(12)]

@@ -315,7 +315,8 @@ def test_each_retrain_registers_a_version_and_records_a_gate_decision(drops, pro
         ("promoted", "1", None, "1")
     (second,) = drops["second"]["decisions"]
     assert second["challenger"] == "2" and second["champion_before"] == "1"
-    assert second["decision"] in ("promoted", "rejected") and second["judged_by"] == "reward_model"
+    # human preference data has no gold judge: the held-out judge, never the reward model DPO's run trained
+    assert second["decision"] in ("promoted", "rejected") and second["judged_by"] == "held_out_rm"
     assert 0.0 <= second["challenger_score"] <= 1.0 and second["champion_score"] == pytest.approx(
         1.0 - second["challenger_score"])
     assert second["champion_after"] == ("2" if second["decision"] == "promoted" else "1")
