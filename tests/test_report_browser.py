@@ -46,8 +46,8 @@ def test_index_html_renders_in_headless_chromium(tmp_path):
         webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install -e .[test]")
     from selenium.webdriver.chrome.service import Service
 
-    report = build_report(_points(), ["prompt 0", "prompt 1"], tmp_path, title="browser check",
-                          judged_by="reward_model")
+    judge = {"name": "held_out_rm", "kind": "held_out_rm", "independent": True, "pair_accuracy": 0.8, "pairs": 150}
+    report = build_report(_points(), ["prompt 0", "prompt 1"], tmp_path, title="browser check", judge=judge)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -67,5 +67,6 @@ def test_index_html_renders_in_headless_chromium(tmp_path):
         assert rows == 3
         # the escaped completion is shown as text, not run
         assert "<script>" in driver.find_element("id", "samples").text
+        assert driver.find_element("id", "verdict").text.startswith("Verdict:")  # the page opens with the verdict
     finally:
         driver.quit()
