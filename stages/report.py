@@ -494,7 +494,9 @@ def judge_sentence(judge: dict[str, Any], num_samples: int, samples_per_prompt: 
             f"{num_samples} held-out samples ({num_samples // samples_per_prompt} prompts x {samples_per_prompt}, same "
             "sampling seeds); intervals are 95% bootstrap intervals over prompts (paired between policies; over "
             "training seeds too where several ran). A win rate compares two policies' scores of the same sample "
-            "(a tie counts one half).")
+            "(a tie counts one half). The frontier's error bars are each policy's own interval; the interval of a "
+            "difference between two policies is narrower, because the prompts' difficulty, which both share, "
+            "cancels in it: overlapping bars do not mean no difference.")
 
 
 def summary_markdown(title: str, verdict_text: str, judge_text: str, best_rows: list[dict[str, Any]],
