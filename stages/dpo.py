@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from stages.dpo_reference import load_reference
 from stages.models import load_causal_lm, load_tokenizer, peft_config, save_model
-from stages.reward import pair_dataset
 from stages.runner import StageContext, StageOutput
 from stages.training import (
     final_evaluation,
+    pair_dataset,
     throughput_metrics,
     train_resuming,
     trainer_args,

@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 from stages.models import load_causal_lm, load_tokenizer
-from stages.reward import pair_dataset
 from stages.runner import StageContext, StageOutput
-from stages.training import trainer_args
+from stages.training import pair_dataset, trainer_args
 
 SPLITS = ("train", "eval")
 

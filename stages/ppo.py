@@ -696,7 +696,6 @@ def collect_rollout(models: Models, prompts: list[Messages], cfg: PPOConfig, kl_
 
     metrics |= {
         "ppo/score_mean": float(raw_scores.mean()),  # the scorer's own units, before standardisation
-        "ppo/normalized_score_mean": float(scores.mean()),
         "ppo/eos_fraction": float(ended.float().mean()),
         "time/generation": generated - started,
         "time/scoring": scored - generated,
@@ -754,7 +753,7 @@ def assemble_rollout(sequences: Sequences, scores: Tensor, forward: RolloutForwa
         advantages = masked_whiten(advantages, mask)
     sequence_kl = masked_sum(kl_penalty(forward.logprobs, forward.ref_logprobs, "k1"), mask, dim=-1)  # (B,)
     metrics = {
-        "ppo/score_mean": scores.mean(),  # the scores PPO optimises (collect_rollout reports the raw ones)
+        "ppo/normalized_score_mean": scores.mean(),  # the scores PPO optimises (collect_rollout adds the raw mean)
         # What PPO maximises: score - beta * KL, with the configured estimator, before any whitening.
         "ppo/rlhf_reward_mean": masked_sum(token_rewards.rewards, mask, dim=-1).mean(),
         "ppo/kl": sequence_kl.mean(),

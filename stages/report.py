@@ -364,6 +364,11 @@ def verdict_record(points: Sequence[PolicyPoint], scored: dict[str, Scored], jud
     }
 
 
+def _cell_interval(value: Any) -> Any:
+    """A [low, high] pair as one table cell, "[0.030, 0.110]"; anything else as it is."""
+    return f"[{value[0]:.3f}, {value[1]:.3f}]" if isinstance(value, list) else value
+
+
 def findings(points: Sequence[PolicyPoint], scored: dict[str, Scored], sft: PolicyPoint) -> list[str]:
     """Plain sentences, each computed from the numbers and their intervals."""
     top = max(points, key=lambda p: _rank(p, scored))
@@ -627,9 +632,7 @@ def build_report(points: list[PolicyPoint], prompts: list[str], out_dir: Path, *
                   "ci95_low": scored[p.name].mean.low, "ci95_high": scored[p.name].mean.high,
                   "kl_to_sft": p.metrics["kl_to_sft"], "gold_calls": p.gold_calls, "seconds": p.seconds}
                  for m, p in best.items()]
-    pair_rows = [{"a": a.name, "b": b.name, "difference": d.estimate, "ci95_low": d.low, "ci95_high": d.high,
-                  "significant": d.excludes_zero(), "win_rate": w.estimate, "win_ci95_low": w.low,
-                  "win_ci95_high": w.high} for a, b, d, w in pairs]
+    pair_rows = [{key: _cell_interval(value) for key, value in row.items()} for row in record["head_to_head"]]
     sentences = findings(points, scored, sft)
     judge_text = judge_sentence(judge, len(prompts), sft.samples_per_prompt)
 

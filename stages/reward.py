@@ -15,16 +15,7 @@ from stages.generation import pair_accuracy
 from stages.models import load_reward_model, load_tokenizer, peft_config, save_model
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
-from stages.training import throughput_metrics, train_resuming, trainer_args
-
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def pair_dataset(path):
-    from datasets import Dataset
-
-    return Dataset.from_list([{c: row[c] for c in PAIR_COLUMNS} for row in read_jsonl(path)])
-
+from stages.training import pair_dataset, throughput_metrics, train_resuming, trainer_args
 
 TRAIN_FILES = {"reward": "train.jsonl", "judge": "judge.jsonl"}  # stage -> the split of the pairs it trains on
 

@@ -180,15 +180,14 @@ STAGES: dict[str, StageSpec] = {
     "reward": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
     # the held-out judge: the reward stage's recipe on the judge split of the pairs, which nothing else trains on
     "judge": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
-    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", pairs_source(c)), trains=True, autocasts=True,
-                               code=("reward.py",)),
+    "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", pairs_source(c)), trains=True, autocasts=True),
     "dpo": StageSpec("dpo", lambda c: ("sft", pairs_source(c), *_dpo_reference(c)), **TRAINING,
-                     code=("reward.py", "dpo_reference.py")),
+                     code=("dpo_reference.py",)),
     # on the gold judge they need no reward model (PPO's critic then starts from the SFT backbone), so they
     # spend no label: their gold-judge calls are their own
     "ppo": StageSpec("ppo", lambda c: ("sft", *_reward_model(c.ppo), "prepare"), **TRAINING),
-    "simpo": StageSpec("simpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
-    "orpo": StageSpec("orpo", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("reward.py",)),
+    "simpo": StageSpec("simpo", lambda c: ("sft", pairs_source(c)), **TRAINING),
+    "orpo": StageSpec("orpo", lambda c: ("sft", pairs_source(c)), **TRAINING),
     "rloo": StageSpec("rloo", lambda c: ("sft", *_reward_model(c.rloo), "prepare"), **TRAINING),
     "grpo": StageSpec("grpo", lambda c: ("sft", *_reward_model(c.grpo), "prepare"), **TRAINING),
     "evaluate": StageSpec("evaluate", lambda c: (*_scoring_inputs(c), *_policies(c)), trains=True,

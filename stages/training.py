@@ -24,6 +24,15 @@ from stages.models import (
 from stages.records import read_jsonl
 from stages.runner import StageContext, StageOutput
 
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def pair_dataset(path: Path):
+    """The prompt/chosen/rejected columns of a pairs file (label or prepare output) as a datasets.Dataset."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{c: row[c] for c in PAIR_COLUMNS} for row in read_jsonl(path)])
+
 
 def training_seed(run, section) -> int:
     """The seed of a training run: the section's own ``seed`` (``compare.seeds`` sets it per run), else run.seed.
@@ -139,7 +148,6 @@ def throughput_metrics(train_output, tokens_seen: int, model, resumed_step: int 
 def train_on_pairs(ctx: StageContext, section: str, config_class, trainer_class, **options: Any) -> StageOutput:
     """A reference-free pair method (simpo, orpo): TRL's ``trainer_class`` on the preference pairs from the
     SFT policy, evaluated on the held-out pairs; the merged policy is saved. ``options`` go to ``config_class``."""
-    from stages.reward import pair_dataset  # stages.reward imports this module
 
     cfg = getattr(ctx.config, section)
     pairs = ctx.inputs["label"] if "label" in ctx.inputs else ctx.inputs["prepare"]
