@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -178,8 +179,24 @@ def _retrain_commands(commands) -> None:
     rollback.set_defaults(handler=_promotion)
 
 
+# Prefect waits 20 s for its ephemeral server; on a fresh install of a 2-core machine the first start (its
+# database migrations, with every module compiled for the first time) took longer and `make run` died with
+# "Timed out while attempting to connect to ephemeral Prefect API server". Set before Prefect is imported.
+# And the Prefect server's telemetry heartbeat posts to prefect.io: off unless the user turns it on (no network
+# beyond the package registry), which also keeps it from racing those first migrations ("database is locked").
+PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def apply_prefect_defaults(environ=os.environ) -> None:
+    """:data:`PREFECT_DEFAULTS` where the environment does not set them already (the user's values win)."""
+    for name, value in PREFECT_DEFAULTS.items():
+        environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_prefect_defaults()
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -58,3 +58,17 @@ def test_dvc_repro_runs_every_stage_through_the_cli(project):
     assert "dpo: cache hit" in again.stdout
     status = sh(project, sys.executable, "-m", "dvc", "status")
     assert "changed" not in status.stdout
+
+
+def test_prefect_defaults_reach_prefects_settings_and_yield_to_the_users():
+    """The CLI's Prefect defaults (a longer ephemeral-server start, no telemetry) are settings Prefect reads,
+    and a value the user exported wins."""
+    code = ("import os; from flows.cli import apply_prefect_defaults; apply_prefect_defaults(); "
+            "from prefect.settings import Settings; s = Settings(); "
+            "print(s.server.ephemeral.startup_timeout_seconds, s.server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["180", "False"]
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["45", "False"]
