@@ -34,8 +34,8 @@ def matmul_peak_gflops(size: int = 2048, seconds: float = 5.0, dtype: str = "flo
     a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
     torch.mm(a, b)  # warm-up
     done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        torch.mm(a, b)
+    while not done or time.perf_counter() - started < seconds:  # at least one: a CPU without native bf16
+        torch.mm(a, b)                                           # takes longer than `seconds` for one
         done += 1
     return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
 

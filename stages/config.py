@@ -78,7 +78,7 @@ class DataConfig(Section):
     source: str = "builtin:sentiment-openings"
     format: Literal["auto", "standard", "conversational", "hh", "prompt_only", "sft"] = "auto"
     split: str = "train"
-    eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    eval_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     # share of the preference rows kept apart to train the held-out judge (evaluate.judge: held_out_rm), which
     # no policy and no training reward model sees; 0 of them are carved out for any other judge
     judge_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)

@@ -24,6 +24,7 @@ Written to ``metrics.json`` (DVC metrics).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from stages.models import load_causal_lm, load_reward_model, load_tokenizer
 from stages.records import read_jsonl, write_jsonl
 from stages.runner import StageContext, StageOutput, pairs_source
 
+log = logging.getLogger(__name__)
+
 BASELINE = "sft"
 RESAMPLES = 2000  # bootstrap replicates behind every interval
 
@@ -55,8 +58,13 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def held_out_prompts(ctx: StageContext) -> list:
     """The first ``evaluate.max_prompts`` prompts of the prepared eval split (chat messages)."""
-    rows = read_jsonl(ctx.inputs["prepare"].path / "eval.jsonl")[: ctx.config.evaluate.max_prompts]
-    return [row["prompt"] for row in rows]
+    cfg = ctx.config.evaluate
+    rows = read_jsonl(ctx.inputs["prepare"].path / "eval.jsonl")
+    if len(rows) < cfg.max_prompts:
+        log.warning("evaluate: the eval split holds %d prompts, fewer than evaluate.max_prompts (%d): %d samples "
+                    "per policy; raise data.eval_fraction for tighter intervals", len(rows), cfg.max_prompts,
+                    len(rows) * cfg.samples_per_prompt)
+    return [row["prompt"] for row in rows[: cfg.max_prompts]]
 
 
 def held_out_pairs(ctx: StageContext) -> list[dict]:
@@ -113,8 +121,11 @@ def score_policy(name: str, model, reference, judge: PolicyJudge, reward_model, 
     policy answers the same prompt (what win rates and paired intervals between policies compare).
     """
     cfg = ctx.config.evaluate
+    # the policy's own log-probs at the sampling temperature come from the sampling pass itself (float32,
+    # no autocast here): one forward pass over every sample fewer than scoring them again
     samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.generation,
-                     seed=ctx.config.run.seed + 1, desc=f"evaluate: sampling {name}")
+                     seed=ctx.config.run.seed + 1, desc=f"evaluate: sampling {name}",
+                     with_logprobs=model is not reference)
     asked = [prompts[i] for i in samples.prompt_index]
     judged = judge.score(asked, samples.texts)
     rm = judged if judge.kind == "training_rm" else reward_model_judge(
@@ -126,8 +137,7 @@ def score_policy(name: str, model, reference, judge: PolicyJudge, reward_model, 
         kl = [0.0] * len(samples.texts)
     else:
         pad, temperature = tokenizer.pad_token_id, cfg.generation.temperature
-        policy_logps = sequence_log_probs(model, samples.prompt_ids, samples.response_ids, pad_id=pad,
-                                          temperature=temperature)
+        policy_logps = torch.tensor([sum(row) for row in samples.logprobs])
         reference_logps = sequence_log_probs(reference, samples.prompt_ids, samples.response_ids, pad_id=pad,
                                              temperature=temperature)
         kl = (policy_logps - reference_logps).tolist()

@@ -156,6 +156,28 @@ def test_sequence_log_probs_stay_float32_under_autocast(tiny_model_dir):
 
 
 # --------------------------------------------------------------------------------------------------
+
+def test_sampled_log_probs_are_the_scored_log_probs_at_the_sampling_temperature(tiny_model_dir):
+    """evaluate takes a policy's log-probs for its KL from the sampling pass (left-padded, KV-cached) instead
+    of a second forward pass: they must equal sequence_log_probs at the same temperature, and differ from
+    the temperature-1 figure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.config import GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "Say something."}], [{"role": "user", "content": "A longer prompt here, "
+                                                                  "so that the batch is left-padded."}]]
+    generation = GenerationConfig(max_new_tokens=12, temperature=0.7, batch_size=4)
+    drawn = sample(model, tokenizer, prompts, 2, generation, seed=11, with_logprobs=True)
+    sampled = torch.tensor([sum(row) for row in drawn.logprobs])
+    scored = sequence_log_probs(model, drawn.prompt_ids, drawn.response_ids, pad_id=tokenizer.pad_token_id,
+                                temperature=0.7)
+    torch.testing.assert_close(sampled, scored, atol=1e-3, rtol=1e-4)
+    at_one = sequence_log_probs(model, drawn.prompt_ids, drawn.response_ids, pad_id=tokenizer.pad_token_id)
+    assert not torch.allclose(sampled, at_one, atol=1e-2)
+
 # Sampling is what was configured, whatever the model's own generation config says
 # --------------------------------------------------------------------------------------------------
 def test_a_models_repetition_penalty_does_not_reach_the_sampler(tiny_model_dir, tmp_path):
