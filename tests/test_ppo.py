@@ -116,9 +116,10 @@ def test_ppo_trains_logs_each_update_and_saves_a_changed_policy(tmp_path, tiny_m
     for _, logged in tracker.calls:
         assert PER_UPDATE_METRICS <= set(logged)
         assert 1 <= logged["ppo/response_length"] <= 8
-    # Before the first step the LoRA adapter is zero, so policy == reference and the KL is exactly 0;
-    # after it, the policy has moved away from the reference.
-    assert tracker.calls[0][1]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
+    # Before the first step the LoRA adapter is zero, so policy == reference and the KL is 0 up to float32
+    # rounding (the sampling pass's KV-cached log-probs against the reference's full pass: 1.4e-6 on an AMD
+    # EPYC, under 1e-6 elsewhere); after it, the policy has moved away from the reference.
+    assert tracker.calls[0][1]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)
     assert tracker.calls[1][1]["ppo/kl"] != pytest.approx(0.0, abs=1e-9)
 
     # The merged policy differs from the SFT model in the LoRA-targeted projections only.
@@ -411,7 +412,7 @@ def test_scores_are_standardised_on_sft_samples_and_the_critic_starts_at_their_m
     output = ppo.run(ctx)
     assert output.metrics["ppo/sft_score_std"] > 0
     [(_, logged)] = tracker.calls
-    assert logged["ppo/approx_kl_first"] == pytest.approx(0.0, abs=1e-6)  # float32: sampling = training
+    assert logged["ppo/approx_kl_first"] == pytest.approx(0.0, abs=1e-5)  # float32: sampling = training
     assert 0.0 <= logged["ppo/value_clip_fraction"] <= 1.0 and math.isfinite(logged["ppo/explained_variance"])
 
 
