@@ -63,7 +63,7 @@ def test_dvc_repro_runs_every_stage_through_the_cli(project):
 def test_prefect_defaults_reach_prefects_settings_and_yield_to_the_users():
     """The CLI's Prefect defaults (a longer ephemeral-server start, no telemetry) are settings Prefect reads,
     and a value the user exported wins."""
-    code = ("import os; from flows.cli import apply_prefect_defaults; apply_prefect_defaults(); "
+    code = ("from flows.cli import apply_prefect_defaults; apply_prefect_defaults(); "
             "from prefect.settings import Settings; s = Settings(); "
             "print(s.server.ephemeral.startup_timeout_seconds, s.server.analytics_enabled)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_")}

@@ -155,8 +155,6 @@ def test_sequence_log_probs_stay_float32_under_autocast(tiny_model_dir):
     assert torch.equal(plain, under)
 
 
-# --------------------------------------------------------------------------------------------------
-
 def test_sampled_log_probs_are_the_scored_log_probs_at_the_sampling_temperature(tiny_model_dir):
     """evaluate takes a policy's log-probs for its KL from the sampling pass (left-padded, KV-cached) instead
     of a second forward pass: they must equal sequence_log_probs at the same temperature, and differ from
@@ -178,6 +176,8 @@ def test_sampled_log_probs_are_the_scored_log_probs_at_the_sampling_temperature(
     at_one = sequence_log_probs(model, drawn.prompt_ids, drawn.response_ids, pad_id=tokenizer.pad_token_id)
     assert not torch.allclose(sampled, at_one, atol=1e-2)
 
+
+# --------------------------------------------------------------------------------------------------
 # Sampling is what was configured, whatever the model's own generation config says
 # --------------------------------------------------------------------------------------------------
 def test_a_models_repetition_penalty_does_not_reach_the_sampler(tiny_model_dir, tmp_path):
