@@ -95,7 +95,7 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=0.8, gt=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=64, ge=1)
 
 
 class TrainConfig(Section):
@@ -139,6 +139,10 @@ class LabelConfig(Section):
 
 class RewardConfig(TrainConfig):
     learning_rate: float = Field(default=1e-4, gt=0.0)
+    # the scalar head starts random while the backbone is pretrained: its own, higher rate (null: learning_rate)
+    head_learning_rate: float | None = Field(default=None, gt=0.0)
+    # pairs from label's scored samples (tasks with a gold judge): rank | all; null: label's pairs, as DPO gets them
+    pairing: Literal["rank", "all"] | None = None
 
 
 class DPOConfig(TrainConfig):
@@ -422,7 +426,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare_sft": ("data.sft_source", "data.split", "data.eval_fraction", "data.quarantine_dir"),
     "sft": ("model", "sft"),
     "label": ("label", "data", "evaluate.judge"),
-    "reward": ("model", "reward"),
+    "reward": ("model", "reward", "label.min_gap"),  # min_gap: reward.pairing pairs label's samples with it
     "dpo": ("model", "dpo"),
     "ppo": ("model", "ppo"),
     "simpo": ("model", "simpo"),
@@ -433,7 +437,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     # One policy (or the SFT model) scored on the held-out prompts, as evaluate scores each.
     "score": ("evaluate", "data"),
     # the held-out judge: a reward model (the reward section's recipe) on the judge split of the pairs
-    "judge": ("model", "reward"),
+    "judge": ("model", "reward", "label.min_gap"),
     # The SFT model's log-probs of the DPO pairs: they depend on how pairs are cut, not on beta or the
     # loss, so every DPO run of a sweep shares them. "section.key" entries name single keys.
     "dpo_reference": ("model", "dpo.max_length"),

@@ -3,10 +3,11 @@
 Sample ``label.samples_per_prompt`` completions per training prompt from the SFT policy, score them
 with the task's gold judge, and pair them by rank (``label.pairing``): ``rank``, best against worst
 and second against third; or ``all``, every two of them. Each pair is kept only when the gold gap
-exceeds ``label.min_gap``. Pairs are split into train/eval by a
-seeded hash of the prompt, so no prompt is on both sides; with the held-out judge
-(``evaluate.judge: held_out_rm``) a further ``data.judge_fraction`` of the prompts' pairs go to
-``judge.jsonl``, which only the judge trains on.
+exceeds ``label.min_gap``. Pairs are split into train/eval by a seeded hash of the prompt, so no
+prompt is on both sides; with the held-out judge (``evaluate.judge: held_out_rm``) a further
+``data.judge_fraction`` of the prompts' pairs go to ``judge.jsonl``, which only the judge trains on.
+``samples.jsonl`` keeps every scored sample with its prompt and split, so the reward stage can pair
+the same samples its own way (``reward.pairing``) without one gold call more.
 
 Every completion is one call of the gold judge: ``gold_calls`` (the labelling budget that the
 pair-trained policies spend, against PPO-GT's rollouts) is ``max_prompts x samples_per_prompt``.
@@ -56,6 +57,21 @@ def rank_pairs(prompt: list[dict], completions: list[str], scores: list[float], 
     return pairs
 
 
+def split_pairs(samples: list[dict], split: str, min_gap: float, pairing: str) -> list[dict]:
+    """The pairs of one split (train, eval or judge) of label's ``samples.jsonl``, made with ``pairing``:
+    how the reward stage pairs the same scored samples its own way (``reward.pairing``)."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in samples:
+        if row["split"] == split:
+            by_prompt.setdefault(row["prompt_id"], []).append(row)
+    pairs = []
+    for prompt_id, group in by_prompt.items():
+        made = rank_pairs(group[0]["prompt"], [r["completion"] for r in group], [r["score"] for r in group],
+                          min_gap, pairing)
+        pairs.extend({"id": f"{prompt_id}-{n}", **pair} for n, pair in enumerate(made))
+    return pairs
+
+
 def _bucket(prompt_id: str, seed: int) -> float:
     """A prompt's seeded hash in [0, 1): below label.eval_fraction it is eval, then the judge's share, then train."""
     return int(hashlib.sha256(f"label:{seed}:{prompt_id}".encode()).hexdigest()[:8], 16) / 16**8
@@ -86,13 +102,16 @@ def run(ctx: StageContext) -> StageOutput:
     if cfg.eval_fraction + judge_share >= 1.0:
         raise ValueError(f"label.eval_fraction ({cfg.eval_fraction}) + data.judge_fraction ({judge_share}) must stay "
                          "below 1 for the held-out judge, so that prompts are left to train on")
+    splits = []
     for i, row in enumerate(rows):
         pairs = rank_pairs(row["prompt"], samples.texts[i * k : (i + 1) * k], scores[i * k : (i + 1) * k],
                            cfg.min_gap, cfg.pairing)
         bucket = _bucket(row["id"], ctx.config.run.seed)
-        target = evaluation if bucket < cfg.eval_fraction else judged if bucket < cfg.eval_fraction + judge_share \
-            else train
-        target.extend({"id": f"{row['id']}-{n}", **pair} for n, pair in enumerate(pairs))
+        split = "eval" if bucket < cfg.eval_fraction else "judge" if bucket < cfg.eval_fraction + judge_share \
+            else "train"
+        splits.append(split)
+        {"train": train, "eval": evaluation, "judge": judged}[split].extend(
+            {"id": f"{row['id']}-{n}", **pair} for n, pair in enumerate(pairs))
     if judge_share and not judged:
         raise ValueError(f"label: no pairs left for the held-out judge from {len(rows)} prompts; raise "
                          "data.judge_fraction or label.max_prompts")
@@ -106,7 +125,8 @@ def run(ctx: StageContext) -> StageOutput:
     write_jsonl(ctx.out_dir / "eval.jsonl", evaluation)
     write_jsonl(ctx.out_dir / "judge.jsonl", judged)
     write_jsonl(ctx.out_dir / "samples.jsonl", (
-        {"prompt_id": rows[i]["id"], "completion": text, "score": score, "ended": ended}
+        {"prompt_id": rows[i]["id"], "split": splits[i], "prompt": rows[i]["prompt"], "completion": text,
+         "score": score, "ended": ended}
         for i, text, score, ended in zip(samples.prompt_index, samples.texts, scores, samples.ended, strict=True)
     ))
     gaps = [p["score_chosen"] - p["score_rejected"] for p in train + evaluation + judged]

@@ -177,9 +177,10 @@ STAGES: dict[str, StageSpec] = {
     "prepare_sft": StageSpec("prepare_sft", lambda c: (), code=("prepare.py",), sources=lambda c: (c.data.sft_source,)),
     "sft": StageSpec("sft", lambda c: ("base", _sft_data(c)), **TRAINING),
     "label": StageSpec("label", lambda c: ("sft", "prepare"), trains=True),
-    "reward": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
+    # label.py: reward.pairing pairs label's samples with its split_pairs
+    "reward": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("label.py",)),
     # the held-out judge: the reward stage's recipe on the judge split of the pairs, which nothing else trains on
-    "judge": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING),
+    "judge": StageSpec("reward", lambda c: ("sft", pairs_source(c)), **TRAINING, code=("label.py",)),
     "dpo_reference": StageSpec("dpo_reference", lambda c: ("sft", pairs_source(c)), trains=True, autocasts=True),
     "dpo": StageSpec("dpo", lambda c: ("sft", pairs_source(c), *_dpo_reference(c)), **TRAINING,
                      code=("dpo_reference.py",)),

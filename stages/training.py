@@ -29,9 +29,14 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 def pair_dataset(path: Path):
     """The prompt/chosen/rejected columns of a pairs file (label or prepare output) as a datasets.Dataset."""
+    return rows_dataset(read_jsonl(path))
+
+
+def rows_dataset(rows: list[dict]):
+    """The prompt/chosen/rejected columns of preference rows as a datasets.Dataset."""
     from datasets import Dataset
 
-    return Dataset.from_list([{c: row[c] for c in PAIR_COLUMNS} for row in read_jsonl(path)])
+    return Dataset.from_list([{c: row[c] for c in PAIR_COLUMNS} for row in rows])
 
 
 def training_seed(run, section) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stages import ppo
-from stages.generation import TokenSampler, nucleus, reward_scores
+from stages.generation import TokenSampler, draw, nucleus, reward_scores
 from tests.test_ppo import OPENINGS, _lora_policy
 
 
@@ -46,6 +46,22 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p_as_transformers_does():
         assert (torch.where(kept, probs, 0.0).sum(-1) >= top_p - 1e-6).all()
         assert kept.sum(-1).min() >= 1
     assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_draw_follows_unnormalised_weights_and_never_takes_a_zero_weight(monkeypatch):
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 6.0, 0.0]]).repeat(50_000, 1)  # (N, V), total 10
+    torch.manual_seed(0)
+    drawn = draw(weights).squeeze(-1)  # (N,)
+    observed = torch.bincount(drawn, minlength=6).float() / len(drawn)
+    assert observed[[0, 2, 5]].sum() == 0
+    expected = weights[0] / weights[0].sum()
+    kept = expected > 0  # chi-square over the three tokens of weight > 0, 2 degrees of freedom: p < 0.001 above 13.8
+    chi2 = float((((observed - expected) ** 2)[kept] / expected[kept]).sum() * len(drawn))
+    assert chi2 < 13.8, (observed, expected)
+
+    # a uniform number that rounds up to the total takes the last token of weight > 0, never the zeros after it
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
+    assert draw(weights[:3]).squeeze(-1).tolist() == [4, 4, 4]
 
 
 def test_sampling_with_top_p_only_draws_tokens_inside_the_nucleus():

@@ -110,6 +110,68 @@ def test_label_splits_prompts_three_ways_for_a_held_out_judge():
 
 
 # --------------------------------------------------------------------------------------------------
+# The reward model's own pairs (reward.pairing) and its head's rate
+# --------------------------------------------------------------------------------------------------
+def _scored_samples() -> list[dict]:
+    """label's samples.jsonl: 6 prompts x 4 scored samples; prompts 0-2 train, 3-4 eval, 5 judge."""
+    splits = ["train", "train", "train", "eval", "eval", "judge"]
+    scores = [0.9, 0.5, 0.45, -0.7]  # the 0.5 / 0.45 pair is within min_gap 0.1
+    return [{"prompt_id": f"p{i}", "split": split, "prompt": [{"role": "user", "content": f"Continue: film {i}"}],
+             "completion": f"reply {i}.{k} " + ("great" if score > 0 else "awful"), "score": score, "ended": True}
+            for i, split in enumerate(splits) for k, score in enumerate(scores)]
+
+
+def test_reward_pairs_every_two_samples_of_its_split_only():
+    from stages.label import split_pairs
+
+    samples = _scored_samples()
+    train = split_pairs(samples, "train", 0.1, "all")
+    assert len(train) == 3 * 5  # 6 pairs per prompt, less the one within the gap
+    assert {row["id"].split("-")[0] for row in train} == {"p0", "p1", "p2"}
+    assert all(row["score_chosen"] - row["score_rejected"] > 0.1 for row in train)
+    assert len(split_pairs(samples, "train", 0.1, "rank")) == 3 * 1  # best-worst; 2nd-3rd is within the gap
+    judge = split_pairs(samples, "judge", 0.1, "all")
+    assert {row["id"].split("-")[0] for row in judge} == {"p5"}  # the judge's prompt, never a policy's
+
+
+def test_reward_stage_trains_on_its_own_pairing_with_the_head_at_its_own_rate(tiny_model_dir, tmp_path, monkeypatch):
+    from stages import reward
+    from stages.label import rank_pairs, split_pairs
+    from stages.records import write_jsonl
+
+    samples = _scored_samples()
+    label_dir = tmp_path / "label"
+    label_dir.mkdir()
+    write_jsonl(label_dir / "samples.jsonl", samples)
+    for split, name in (("train", "train.jsonl"), ("eval", "eval.jsonl")):  # label's own rank pairs
+        write_jsonl(label_dir / name, [pair for i in range(6) if samples[4 * i]["split"] == split
+                                       for pair in rank_pairs(samples[4 * i]["prompt"],
+                                                              [s["completion"] for s in samples[4 * i: 4 * i + 4]],
+                                                              [s["score"] for s in samples[4 * i: 4 * i + 4]], 0.1)])
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    (sft_dir / "model").symlink_to(tiny_model_dir)
+    made, original = [], reward.head_optimizer
+    monkeypatch.setattr(reward, "head_optimizer", lambda model, cfg: made.append(original(model, cfg)) or made[-1])
+
+    cfg = validate(tiny_params(tiny_model_dir, tmp_path, label={"min_gap": 0.1},
+                               reward={"pairing": "all", "head_learning_rate": 0.05, "learning_rate": 1e-3,
+                                       "max_steps": 2, "batch_size": 2, "save_steps": 0}))
+    inputs = {"sft": StageResult("sft", "k", str(sft_dir), "c", info={"model": "model"}),
+              "label": StageResult("label", "k", str(label_dir), "c")}
+    out = tmp_path / "reward-out"
+    out.mkdir()
+    metrics = reward.run(StageContext("reward", cfg, inputs, out, tmp_path, torch.device("cpu"), None)).metrics
+
+    assert metrics["train_pairs"] == len(split_pairs(samples, "train", 0.1, "all")) == 15  # not label's 3
+    assert metrics["eval_pairs"] == len(split_pairs(samples, "eval", 0.1, "all")) == 10
+    (optimizer,) = made
+    body, head = optimizer.param_groups
+    assert (body["initial_lr"], head["initial_lr"]) == (1e-3, 0.05)
+    assert sum(p.numel() for p in head["params"]) == 32  # score.weight (1, 32): the tiny model's hidden size
+
+
+# --------------------------------------------------------------------------------------------------
 # KL at the sampling temperature, in float32
 # --------------------------------------------------------------------------------------------------
 class FixedLogits(torch.nn.Module):
